@@ -1,0 +1,174 @@
+#!/usr/bin/env node
+import { cac } from "cac";
+import { ConfigError, loadConfig, type ConfigInput, type ResolvedConfig, type Role } from "./config.ts";
+import { startCoordinator } from "./coordinator/index.ts";
+import { startLocal } from "./local/index.ts";
+import { LOG_LEVELS, log, setLogLevel, type LogLevel } from "./log.ts";
+import { startReporter } from "./reporter.ts";
+import { VERSION } from "./version.ts";
+
+// The only module that exits the process or handles signals: roles return a
+// close() and leave the decision to whoever started them.
+
+interface Running {
+  name: string;
+  close(): Promise<void>;
+}
+
+type Flags = Record<string, unknown>;
+
+const num = (v: unknown): number | undefined => (v === undefined ? undefined : typeof v === "number" ? v : Number.isNaN(Number(v)) ? (v as number) : Number(v));
+const str = (v: unknown): string | undefined => (v === undefined ? undefined : String(v));
+const list = (v: unknown): string[] | undefined => (v === undefined ? undefined : (Array.isArray(v) ? v : [v]).map(String));
+
+function common(flags: Flags): ConfigInput {
+  return { log_level: flags.logLevel as LogLevel | undefined };
+}
+
+function localOverrides(f: Flags): ConfigInput {
+  return {
+    ...common(f),
+    local: {
+      listen: str(f.listen),
+      coordinator: str(f.coordinator),
+      token: str(f.token),
+      reporter: str(f.reporter),
+      tunnel_port: num(f.tunnelPort),
+      allow_self_signed: f.allowSelfSigned === undefined ? undefined : Boolean(f.allowSelfSigned),
+      ca: str(f.ca),
+      fingerprint: str(f.fingerprint),
+      connect_timeout: num(f.connectTimeout),
+    },
+  };
+}
+
+function coordinatorOverrides(f: Flags): ConfigInput {
+  return {
+    ...common(f),
+    coordinator: { listen: str(f.listen), cert: str(f.cert), key: str(f.key), tokens: list(f.token), reporter: f.withReporter ? true : undefined },
+    reporter: { listen: str(f.reporterListen) },
+  };
+}
+
+function reporterOverrides(f: Flags): ConfigInput {
+  return { ...common(f), reporter: { listen: str(f.listen), nat_keep_alive_interval: num(f.keepAliveInterval) } };
+}
+
+async function startRole(role: Role, cfg: ResolvedConfig): Promise<Running[]> {
+  if (role === "local") {
+    const l = await startLocal(cfg.local);
+    return [{ name: "local proxy", close: () => l.close() }];
+  }
+  if (role === "reporter") {
+    const r = await startReporter(cfg.reporter);
+    return [{ name: "reporter", close: () => r.close() }];
+  }
+  const running: Running[] = [];
+  try {
+    const c = await startCoordinator(cfg.coordinator);
+    running.push({ name: "coordinator", close: () => c.close() });
+    // The specification allows reporter and coordinator in one process; it
+    // also gives address-restricted NATs a path in (same IP as the reporter).
+    if (cfg.coordinator.reporter) {
+      const r = await startReporter(cfg.reporter);
+      running.push({ name: "reporter", close: () => r.close() });
+    }
+  } catch (err) {
+    await Promise.allSettled(running.map((r) => r.close()));
+    throw err;
+  }
+  return running;
+}
+
+async function run(role: Role, flags: Flags, overrides: ConfigInput): Promise<void> {
+  const cfg = loadConfig({ path: str(flags.config), role, overrides });
+  setLogLevel(cfg.log_level);
+  const running = await startRole(role, cfg);
+  let stopping = false;
+  const stop = (signal: NodeJS.Signals) => {
+    if (stopping) {
+      log.warn(`${signal} again: exiting now`);
+      process.exit(130);
+    }
+    stopping = true;
+    log.info(`${signal}: shutting down`);
+    Promise.allSettled(running.map((r) => r.close())).then(() => process.exit(0));
+  };
+  process.on("SIGINT", stop);
+  process.on("SIGTERM", stop);
+}
+
+async function main(argv: string[]): Promise<void> {
+  const cli = cac("natproxy");
+  cli.option("-c, --config <file>", "TOML configuration file (see proxy.toml.example)");
+  cli.option("--log-level <level>", `one of ${LOG_LEVELS.join(", ")}`);
+
+  cli
+    .command("local", "run the local proxy: an HTTP proxy for your browser, tunnelled through the coordinator")
+    .option("--listen <host:port>", "browser-facing proxy address (default 127.0.0.1:8080)")
+    .option("--coordinator <url>", "coordinator URL, https://host:port")
+    .option("--token <token>", "token the coordinator accepts (better kept in the config file)")
+    .option("--reporter <host:port>", "STUN-over-TCP reporter (default: coordinator host, port 3478)")
+    .option("--tunnel-port <port>", "local tunnel port P (0 = any)")
+    .option("--allow-self-signed", "accept a coordinator certificate no trusted CA signed")
+    .option("--ca <file>", "extra CA bundle (PEM) to trust for the coordinator")
+    .option("--fingerprint <sha256:...>", "pin the coordinator certificate")
+    .option("--connect-timeout <ms>", "how long a session waits for the coordinator's connect-back")
+    .example("natproxy local -c proxy.toml")
+    .action((flags: Flags) => run("local", flags, localOverrides(flags)));
+
+  cli
+    .command("coordinator", "run the coordinator: the HTTPS server outside the firewall")
+    .option("--cert <file>", "certificate PEM (may also hold the key); without one, a self-signed certificate is generated")
+    .option("--key <file>", "private key PEM, if not inside --cert")
+    .option("--listen <host:port>", "HTTPS API address (default *:8443)")
+    .option("--token <token>", "accepted token (repeatable; better kept in the config file)")
+    .option("--with-reporter", "also run the reporter in this process")
+    .option("--reporter-listen <host:port>", "reporter address when run inside the coordinator")
+    .example("natproxy coordinator --cert key.pem -c proxy.toml")
+    .action((flags: Flags) => run("coordinator", flags, coordinatorOverrides(flags)));
+
+  cli
+    .command("reporter", "run the IP:port reporter (STUN Binding over TCP, with NAT keepalives)")
+    .option("--listen <host:port>", "address (default *:3478)")
+    .option("--keep-alive-interval <ms>", "keepalive period (env NAT_KEEP_ALIVE_INTERVAL also sets it)")
+    .example("natproxy reporter")
+    .action((flags: Flags) => run("reporter", flags, reporterOverrides(flags)));
+
+  cli.usage("<local|coordinator|reporter> [options]");
+  cli.help();
+  cli.version(VERSION);
+  cli.parse(argv, { run: false });
+  if (cli.options.help || cli.options.version) return;
+  if (!cli.matchedCommand) {
+    if (cli.args.length) throw new UsageError(`unknown command "${cli.args[0]}"; the commands are local, coordinator and reporter`);
+    cli.outputHelp();
+    throw new UsageError("a command is required");
+  }
+  await cli.runMatchedCommand();
+}
+
+class UsageError extends Error {}
+
+function handleError(err: unknown): never {
+  if (err instanceof ConfigError) {
+    process.stderr.write(`natproxy: ${err.message}\n`);
+    process.exit(2);
+  }
+  if (err instanceof UsageError || (err as Error)?.name === "CACError") {
+    process.stderr.write(`natproxy: ${(err as Error).message}\nRun "natproxy --help" for usage.\n`);
+    process.exit(2);
+  }
+  const e = err as NodeJS.ErrnoException;
+  const msg = e?.code === "EADDRINUSE" || e?.code === "EACCES" ? `cannot listen: ${e.message}` : (e?.message ?? String(err));
+  log.error(msg);
+  if (process.env.NATPROXY_DEBUG) log.error(err);
+  process.exit(1);
+}
+
+// One misbehaving peer must never take the process down; anything that still
+// escapes is a bug, logged loudly, and the process keeps serving.
+process.on("uncaughtException", (err) => log.error("BUG, uncaught exception (please report):", err));
+process.on("unhandledRejection", (err) => log.error("BUG, unhandled rejection (please report):", err));
+
+main(process.argv).catch(handleError);

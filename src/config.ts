@@ -1,0 +1,278 @@
+import { accessSync, constants, readFileSync } from "node:fs";
+import { parse as parseToml } from "smol-toml";
+import { z } from "zod";
+import { parseHostPort, type HostPort } from "./address.ts";
+import { LOG_LEVELS } from "./log.ts";
+
+// Typed config with defaults filled in, then validation that reports every
+// problem at once (file, key, what is expected), so a user fixes the file in
+// one pass instead of one error per start.
+
+export const ROLES = ["local", "coordinator", "reporter"] as const;
+export type Role = (typeof ROLES)[number];
+
+// Durations are integer milliseconds; a day is the longest any timer may be.
+const ms = (fallback: number) => z.number().int().min(1).max(86_400_000).default(fallback);
+const count = (fallback: number, max: number) => z.number().int().min(0).max(max).default(fallback);
+
+// "*" (or an empty host) means every address, IPv6 and IPv4 alike: Node then
+// listens on :: dual-stack, and on 0.0.0.0 where the host has no IPv6.
+const listenAddress = (fallback: string) =>
+  z
+    .string()
+    .default(fallback)
+    .transform((text, ctx): HostPort => {
+      try {
+        const star = text.startsWith("*:");
+        const hp = parseHostPort(star ? `0.0.0.0:${text.slice(2)}` : text);
+        return star ? { host: "*", port: hp.port } : hp;
+      } catch (err) {
+        ctx.addIssue({ code: "custom", message: `expected "host:port", "[ipv6]:port" or "*:port" (${(err as Error).message})` });
+        return z.NEVER;
+      }
+    });
+
+const localSchema = z.strictObject({
+  listen: listenAddress("127.0.0.1:8080"),
+  coordinator: z.string().default(""),
+  token: z.string().default(""),
+  reporter: z.string().default(""),
+  tunnel_port: z.number().int().min(0).max(65535).default(0),
+  allow_self_signed: z.boolean().default(false),
+  ca: z.string().default(""),
+  fingerprint: z.string().default(""),
+  nat_keep_alive_interval: ms(15_000),
+  tunnel_idle_timeout: ms(60_000),
+  connect_timeout: ms(10_000),
+  reporter_timeout: ms(5_000),
+  reporter_retries: count(5, 1000),
+  retry_delay: ms(500),
+  retry_max_delay: ms(30_000),
+  session_idle_timeout: ms(600_000),
+  pool_idle_timeout: ms(30_000),
+  max_header_size: z.number().int().min(1024).max(1_048_576).default(65_536),
+  users: z.array(z.string()).default([]),
+});
+
+const coordinatorSchema = z.strictObject({
+  listen: listenAddress("*:8443"),
+  cert: z.string().default(""),
+  key: z.string().default(""),
+  tokens: z.array(z.string()).default([]),
+  reporter: z.boolean().default(false),
+  connect_back: z.enum(["same-ip", "any"]).default("same-ip"),
+  connect_timeout: ms(10_000),
+  handshake_timeout: ms(10_000),
+  session_idle_timeout: ms(600_000),
+  request_timeout: ms(30_000),
+  keep_alive_timeout: ms(60_000),
+});
+
+const reporterSchema = z.strictObject({
+  listen: listenAddress("*:3478"),
+  nat_keep_alive_interval: ms(15_000),
+  handshake_timeout: ms(10_000),
+});
+
+const fileSchema = z.strictObject({
+  log_level: z.enum(LOG_LEVELS).default("info"),
+  local: localSchema.default(() => localSchema.parse({})),
+  coordinator: coordinatorSchema.default(() => coordinatorSchema.parse({})),
+  reporter: reporterSchema.default(() => reporterSchema.parse({})),
+});
+
+export type Config = z.output<typeof fileSchema>;
+export type LocalConfig = Config["local"] & { reporterAddress: HostPort; coordinatorUrl: URL };
+export type CoordinatorConfig = Config["coordinator"];
+export type ReporterConfig = Config["reporter"];
+/** Config values as a user writes them (TOML / flags): every key optional. */
+export type ConfigInput = z.input<typeof fileSchema>;
+
+export class ConfigError extends Error {
+  readonly code = "CONFIG_INVALID";
+  readonly problems: string[];
+  constructor(source: string, problems: string[]) {
+    super(`${source}: invalid configuration\n${problems.map((p) => `  - ${p}`).join("\n")}`);
+    this.name = "ConfigError";
+    this.problems = problems;
+  }
+}
+
+export const DEFAULT_REPORTER_PORT = 3478;
+
+export interface LoadOptions {
+  /** TOML file; omitted means defaults + flags only. */
+  path?: string;
+  /** Which role will run: only its required keys are enforced. */
+  role: Role;
+  /** Values from command-line flags, highest precedence. */
+  overrides?: ConfigInput;
+  env?: NodeJS.ProcessEnv;
+}
+
+export interface ResolvedConfig {
+  log_level: Config["log_level"];
+  local: LocalConfig;
+  coordinator: CoordinatorConfig;
+  reporter: ReporterConfig;
+}
+
+/** defaults < file < environment < flags; then validation of the role's needs. */
+export function loadConfig(opts: LoadOptions): ResolvedConfig {
+  const source = opts.path ?? "configuration";
+  let raw: Record<string, unknown> = {};
+  if (opts.path !== undefined) {
+    let text: string;
+    try {
+      text = readFileSync(opts.path, "utf8");
+    } catch (err) {
+      throw new ConfigError(source, [`cannot read the file: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`]);
+    }
+    try {
+      raw = parseToml(text) as Record<string, unknown>;
+    } catch (err) {
+      throw new ConfigError(source, [`not valid TOML: ${(err as Error).message.split("\n")[0]}`]);
+    }
+  }
+  const problems: string[] = [];
+  applyEnv(raw, opts.env ?? process.env, problems);
+  if (opts.overrides) deepMerge(raw, opts.overrides as Record<string, unknown>);
+  return resolveConfig(raw, opts.role, source, problems);
+}
+
+/** Validates an in-memory config (tests, embedding); the same rules as a file. */
+export function resolveConfig(raw: unknown, role: Role | "any", source = "configuration", earlier: string[] = []): ResolvedConfig {
+  const problems = [...earlier];
+  const parsed = fileSchema.safeParse(raw);
+  if (!parsed.success) {
+    for (const issue of parsed.error.issues) problems.push(describeIssue(issue, raw));
+    throw new ConfigError(source, problems);
+  }
+  const cfg = parsed.data;
+  const local = checkLocal(cfg.local, role === "local", problems);
+  if (role === "coordinator") checkCoordinator(cfg.coordinator, problems);
+  if (problems.length > 0) throw new ConfigError(source, problems);
+  return { log_level: cfg.log_level, local, coordinator: cfg.coordinator, reporter: cfg.reporter };
+}
+
+function applyEnv(raw: Record<string, unknown>, env: NodeJS.ProcessEnv, problems: string[]): void {
+  // The specification's troubleshooting notes tell users to set this variable;
+  // it applies to both sides that send keepalives.
+  const text = env.NAT_KEEP_ALIVE_INTERVAL;
+  if (text === undefined || text === "") return;
+  if (!/^\d+$/.test(text.trim()) || Number(text) < 1 || Number(text) > 86_400_000) {
+    problems.push(`NAT_KEEP_ALIVE_INTERVAL: expected whole milliseconds from 1 to 86400000, got "${text}"`);
+    return;
+  }
+  for (const section of ["local", "reporter"]) {
+    const obj = (raw[section] ??= {});
+    if (typeof obj === "object" && obj !== null) (obj as Record<string, unknown>).nat_keep_alive_interval = Number(text);
+  }
+}
+
+function deepMerge(target: Record<string, unknown>, source: Record<string, unknown>): void {
+  for (const [k, v] of Object.entries(source)) {
+    if (v === undefined) continue;
+    const existing = target[k];
+    if (isPlainObject(v) && isPlainObject(existing)) deepMerge(existing, v);
+    else target[k] = isPlainObject(v) ? structuredClone(v) : v;
+  }
+}
+
+function isPlainObject(v: unknown): v is Record<string, unknown> {
+  return typeof v === "object" && v !== null && !Array.isArray(v);
+}
+
+function describeIssue(issue: z.core.$ZodIssue, raw: unknown): string {
+  const key = issue.path.map(String).join(".") || "(top level)";
+  if (issue.code === "unrecognized_keys") {
+    const where = issue.path.length ? `[${issue.path.join(".")}]` : "the top level";
+    return `unknown key${issue.keys.length > 1 ? "s" : ""} ${issue.keys.map((k) => `"${k}"`).join(", ")} in ${where}`;
+  }
+  const got = valueAt(raw, issue.path);
+  const shown = got === undefined ? "nothing" : JSON.stringify(got);
+  let expected: string = issue.message;
+  if (issue.code === "invalid_type") expected = `expected ${issue.expected}`;
+  else if (issue.code === "too_small") expected = `expected at least ${issue.minimum}`;
+  else if (issue.code === "too_big") expected = `expected at most ${issue.maximum}`;
+  else if (issue.code === "invalid_value") expected = `expected one of ${issue.values.map((v) => JSON.stringify(v)).join(", ")}`;
+  if (/timeout|interval|delay/.test(key) && issue.code !== "invalid_value") expected += " (whole milliseconds)";
+  return `${key}: ${expected}, got ${shown}`;
+}
+
+function valueAt(raw: unknown, path: PropertyKey[]): unknown {
+  let v: unknown = raw;
+  for (const p of path) {
+    if (typeof v !== "object" || v === null) return undefined;
+    v = (v as Record<PropertyKey, unknown>)[p];
+  }
+  return v;
+}
+
+const FINGERPRINT = /^sha256:(?:[0-9a-f]{64}|(?:[0-9a-f]{2}:){31}[0-9a-f]{2})$/i;
+
+function checkLocal(local: Config["local"], required: boolean, problems: string[]): LocalConfig {
+  let coordinatorUrl = new URL("https://invalid.invalid/");
+  if (local.coordinator === "") {
+    if (required) problems.push('local.coordinator: required, e.g. "https://coord.example:8443"');
+  } else {
+    try {
+      coordinatorUrl = new URL(local.coordinator);
+      if (coordinatorUrl.protocol !== "https:") problems.push(`local.coordinator: must be an https:// URL (everything to the coordinator is encrypted), got "${local.coordinator}"`);
+      if (coordinatorUrl.pathname !== "/" || coordinatorUrl.search || coordinatorUrl.username)
+        problems.push(`local.coordinator: expected only scheme, host and port, got "${local.coordinator}"`);
+    } catch {
+      problems.push(`local.coordinator: not a URL: "${local.coordinator}"`);
+    }
+  }
+  if (required && local.token === "") problems.push("local.token: required (one of the coordinator's tokens)");
+  let reporterAddress: HostPort = { host: coordinatorHost(coordinatorUrl), port: DEFAULT_REPORTER_PORT };
+  if (local.reporter !== "") {
+    try {
+      reporterAddress = local.reporter.includes(":") || local.reporter.startsWith("[")
+        ? parseHostPort(local.reporter)
+        : { host: local.reporter, port: DEFAULT_REPORTER_PORT };
+      if (reporterAddress.port === 0) problems.push(`local.reporter: port 0 is not a reporter port, got "${local.reporter}"`);
+    } catch (err) {
+      problems.push(`local.reporter: expected "host:port" or "host", ${(err as Error).message}`);
+    }
+  }
+  if (local.fingerprint !== "" && !FINGERPRINT.test(local.fingerprint))
+    problems.push(`local.fingerprint: expected "sha256:" and 64 hex digits (colons allowed), got "${local.fingerprint}"`);
+  if (local.ca !== "") checkReadable("local.ca", local.ca, problems);
+  local.users.forEach((u, i) => {
+    if (!/^[^:]+:.+$/.test(u)) problems.push(`local.users[${i}]: expected "name:password"`);
+  });
+  // An open proxy on a LAN address is an open relay for everyone on that LAN.
+  if (local.users.length === 0 && !isLoopback(local.listen.host))
+    problems.push(`local.listen: ${local.listen.host} is reachable from other machines; set local.users = ["name:password"] so only your browsers can use the proxy`);
+  if (local.retry_max_delay < local.retry_delay) problems.push(`local.retry_max_delay: must not be below local.retry_delay (${local.retry_delay})`);
+  return { ...local, reporterAddress, coordinatorUrl };
+}
+
+function isLoopback(host: string): boolean {
+  return host === "localhost" || host === "::1" || /^127\.\d+\.\d+\.\d+$/.test(host);
+}
+
+function coordinatorHost(url: URL): string {
+  const h = url.hostname;
+  return h.startsWith("[") && h.endsWith("]") ? h.slice(1, -1) : h;
+}
+
+function checkCoordinator(c: CoordinatorConfig, problems: string[]): void {
+  if (c.tokens.length === 0) problems.push("coordinator.tokens: at least one token is required; the coordinator never runs open (generate one with: openssl rand -hex 32)");
+  c.tokens.forEach((t, i) => {
+    if (t.length < 16) problems.push(`coordinator.tokens[${i}]: a token needs at least 16 characters, got ${t.length}`);
+  });
+  if (c.cert !== "") checkReadable("coordinator.cert", c.cert, problems);
+  if (c.key !== "") checkReadable("coordinator.key", c.key, problems);
+  if (c.key !== "" && c.cert === "") problems.push("coordinator.key: set coordinator.cert as well");
+}
+
+function checkReadable(key: string, path: string, problems: string[]): void {
+  try {
+    accessSync(path, constants.R_OK);
+  } catch (err) {
+    problems.push(`${key}: cannot read "${path}" (${(err as NodeJS.ErrnoException).code ?? "error"})`);
+  }
+}

@@ -1,0 +1,141 @@
+import type { IncomingMessage, ServerResponse } from "node:http";
+import { isIP } from "node:net";
+import type { ConsolaInstance } from "consola";
+import { formatHostPort, unmapIPv4, type HostPort } from "../address.ts";
+import { NatproxyError } from "../errors.ts";
+import { VERSION } from "../version.ts";
+import { isSessionId } from "../wire.ts";
+import type { SessionRequest } from "./session.ts";
+
+export const API = {
+  hello: "/v1/hello",
+  sessions: "/v1/sessions",
+} as const;
+
+const MAX_BODY = 16 * 1024;
+
+export interface ApiContext {
+  checkToken(authorization: string | undefined): number | undefined;
+  connectBackPolicy: "same-ip" | "any";
+  openSession(req: SessionRequest): Promise<{ targetAddress: string }>;
+  log: ConsolaInstance;
+}
+
+/** Routes the HTTPS API; each failure becomes a JSON error with a stable code. */
+export function apiHandler(ctx: ApiContext) {
+  return (req: IncomingMessage, res: ServerResponse): void => {
+    handle(ctx, req, res).catch((err: unknown) => {
+      const e = err instanceof NatproxyError ? err : new NatproxyError("INTERNAL", (err as Error)?.message);
+      if (e.code === "INTERNAL") ctx.log.error("API request failed:", err);
+      sendError(res, e);
+    });
+  };
+}
+
+async function handle(ctx: ApiContext, req: IncomingMessage, res: ServerResponse): Promise<void> {
+  const path = (req.url ?? "").split("?")[0];
+  const route = path === API.hello || path === API.sessions ? path : undefined;
+  if (!route) throw new NatproxyError("NOT_FOUND", `${req.method} ${path}`);
+  // Authentication comes before anything else is looked at: an unauthenticated
+  // peer learns nothing but 401.
+  if (ctx.checkToken(req.headers.authorization) === undefined) {
+    res.setHeader("WWW-Authenticate", 'Bearer realm="natproxy"');
+    throw new NatproxyError("UNAUTHORIZED");
+  }
+  if (route === API.hello) {
+    if (req.method !== "GET") throw methodNotAllowed(res, "GET");
+    req.resume();
+    const client = peerOf(req);
+    sendJson(res, 200, { software: "natproxy", version: VERSION, client, connect_back: ctx.connectBackPolicy });
+    return;
+  }
+  if (req.method !== "POST") throw methodNotAllowed(res, "POST");
+  const body = await readJson(req);
+  const sessionReq = validateSession(body, peerOf(req));
+  if (ctx.connectBackPolicy === "same-ip" && sessionReq.reply.host !== sessionReq.client.host) {
+    throw new NatproxyError(
+      "FORBIDDEN",
+      `connect-back to ${sessionReq.reply.host} refused: this request came from ${sessionReq.client.host}, and connect_back = "same-ip"`,
+    );
+  }
+  const { targetAddress } = await ctx.openSession({
+    session: sessionReq.session,
+    target: sessionReq.target,
+    reply: sessionReq.reply,
+    client: formatHostPort(sessionReq.client.host, sessionReq.client.port),
+  });
+  sendJson(res, 200, { session: sessionReq.session, outcome: "bridged", target_address: targetAddress });
+}
+
+function methodNotAllowed(res: ServerResponse, allow: string): NatproxyError {
+  res.setHeader("Allow", allow);
+  return Object.assign(new NatproxyError("BAD_REQUEST", `use ${allow}`), { status: 405 });
+}
+
+function peerOf(req: IncomingMessage): HostPort {
+  return { host: unmapIPv4(req.socket.remoteAddress ?? ""), port: req.socket.remotePort ?? 0 };
+}
+
+function readJson(req: IncomingMessage): Promise<unknown> {
+  return new Promise((resolve, reject) => {
+    const declared = Number(req.headers["content-length"] ?? 0);
+    if (declared > MAX_BODY) {
+      req.resume();
+      reject(new NatproxyError("PAYLOAD_TOO_LARGE", `${declared} bytes; the limit is ${MAX_BODY}`));
+      return;
+    }
+    const chunks: Buffer[] = [];
+    let size = 0;
+    req.on("data", (c: Buffer) => {
+      size += c.length;
+      if (size > MAX_BODY) {
+        req.destroy();
+        reject(new NatproxyError("PAYLOAD_TOO_LARGE", `more than ${MAX_BODY} bytes`));
+      } else chunks.push(c);
+    });
+    req.on("error", reject);
+    req.on("end", () => {
+      try {
+        resolve(JSON.parse(Buffer.concat(chunks).toString("utf8")));
+      } catch {
+        reject(new NatproxyError("BAD_REQUEST", "the body is not JSON"));
+      }
+    });
+  });
+}
+
+const HOSTNAME = /^(?=.{1,253}$)(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9])?)(?:\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9])?)*\.?$/i;
+
+function validateSession(body: unknown, client: HostPort): { session: string; target: HostPort; reply: HostPort; client: HostPort } {
+  const problems: string[] = [];
+  const b = (typeof body === "object" && body !== null ? body : {}) as Record<string, unknown>;
+  if (!isSessionId(b.session)) problems.push("session: expected a UUID v4");
+  const target = hostPort(b.target, "target", problems, false);
+  const reply = hostPort(b.reply, "reply", problems, true);
+  if (problems.length) throw new NatproxyError("BAD_REQUEST", problems.join("; "));
+  return { session: b.session as string, target, reply: { host: unmapIPv4(reply.host), port: reply.port }, client };
+}
+
+function hostPort(v: unknown, name: string, problems: string[], ipOnly: boolean): HostPort {
+  const o = (typeof v === "object" && v !== null ? v : {}) as Record<string, unknown>;
+  const host = typeof o.host === "string" ? o.host : "";
+  const port = o.port;
+  const hostOk = isIP(host) !== 0 || (!ipOnly && HOSTNAME.test(host));
+  if (!hostOk) problems.push(`${name}.host: expected ${ipOnly ? "an IP address" : "a host name or IP address"}`);
+  if (typeof port !== "number" || !Number.isInteger(port) || port < 1 || port > 65535) problems.push(`${name}.port: expected 1-65535`);
+  return { host, port: port as number };
+}
+
+export function sendJson(res: ServerResponse, status: number, body: unknown): void {
+  if (res.headersSent) {
+    res.destroy();
+    return;
+  }
+  const text = JSON.stringify(body);
+  res.writeHead(status, { "Content-Type": "application/json", "Content-Length": Buffer.byteLength(text), "Cache-Control": "no-store" });
+  res.end(text);
+}
+
+function sendError(res: ServerResponse, e: NatproxyError): void {
+  sendJson(res, e.status, { error: { code: e.code, message: e.message } });
+}

@@ -1,0 +1,77 @@
+import type { AddressInfo } from "node:net";
+import https from "node:https";
+import tls from "node:tls";
+import type { CoordinatorConfig } from "../config.ts";
+import { roleLogger } from "../log.ts";
+import { listen, closeServer } from "../listen.ts";
+import { SocketRegistry } from "../sockets.ts";
+import { generateCertificate, loadKeyPair, type KeyPair } from "../tls/certs.ts";
+import { apiHandler } from "./api.ts";
+import { makeTokenCheck } from "./auth.ts";
+import { openSession } from "./session.ts";
+
+export interface Coordinator {
+  addresses: AddressInfo[];
+  /** The certificate it serves, as "sha256:..." (what a local proxy pins). */
+  fingerprint: string;
+  close(): Promise<void>;
+}
+
+export async function startCoordinator(config: CoordinatorConfig, opts: { keyPair?: KeyPair } = {}): Promise<Coordinator> {
+  const log = roleLogger("coordinator");
+  const keyPair = opts.keyPair ?? (await obtainKeyPair(config, log));
+  if (keyPair.validTo.getTime() < Date.now()) log.warn(`the certificate expired on ${keyPair.validTo.toISOString()}; local proxies will refuse it`);
+  const tlsOptions = { key: keyPair.key, cert: keyPair.cert, minVersion: "TLSv1.2" as const };
+  const secureContext = tls.createSecureContext(tlsOptions);
+  const sockets = new SocketRegistry();
+  const sessionCtx = {
+    secureContext,
+    connectTimeout: config.connect_timeout,
+    handshakeTimeout: config.handshake_timeout,
+    idleTimeout: config.session_idle_timeout,
+    sockets,
+    log,
+  };
+  const server = https.createServer({
+    ...tlsOptions,
+    requestTimeout: config.request_timeout,
+    headersTimeout: Math.min(config.request_timeout, config.handshake_timeout),
+    keepAliveTimeout: config.keep_alive_timeout,
+    handshakeTimeout: config.handshake_timeout,
+  });
+  server.on(
+    "request",
+    apiHandler({
+      checkToken: makeTokenCheck(config.tokens),
+      connectBackPolicy: config.connect_back,
+      openSession: (req) => openSession(req, sessionCtx),
+      log,
+    }),
+  );
+  server.on("connection", (socket) => sockets.add(socket));
+  server.on("tlsClientError", (err: NodeJS.ErrnoException, socket) => {
+    log.debug(`TLS handshake from ${socket.remoteAddress} failed: ${err.code ?? err.message}`);
+    socket.destroy();
+  });
+  const addresses = await listen(server, config.listen);
+  log.info(`HTTPS API listening on ${addresses.map((a) => `${a.address}:${a.port}`).join(", ")}; certificate ${keyPair.subject}, ${keyPair.fingerprint}`);
+  return {
+    addresses,
+    fingerprint: keyPair.fingerprint,
+    async close() {
+      const closing = closeServer(server);
+      sockets.destroyAll();
+      await closing;
+    },
+  };
+}
+
+async function obtainKeyPair(config: CoordinatorConfig, log: ReturnType<typeof roleLogger>): Promise<KeyPair> {
+  if (config.cert !== "") return loadKeyPair(config.cert, config.key || undefined);
+  const kp = await generateCertificate();
+  log.warn(
+    `no certificate configured: generated a self-signed one for this run (${kp.subject}). ` +
+      `Local proxies must pin it: [local] fingerprint = "${kp.fingerprint}" (it changes at every start; use --cert for a stable one)`,
+  );
+  return kp;
+}

@@ -1,0 +1,68 @@
+import type tls from "node:tls";
+import type { ConsolaInstance } from "consola";
+import { bridge } from "../bridge.ts";
+import { formatHostPort, type HostPort } from "../address.ts";
+import { NatproxyError } from "../errors.ts";
+import { formatSession } from "../request-log.ts";
+import type { SocketRegistry } from "../sockets.ts";
+import { encodeSession } from "../wire.ts";
+import { connectBack, dialTarget } from "./dial.ts";
+
+export interface SessionRequest {
+  session: string;
+  target: HostPort;
+  reply: HostPort;
+  client: string;
+}
+
+export interface SessionContext {
+  secureContext: tls.SecureContext;
+  connectTimeout: number;
+  handshakeTimeout: number;
+  idleTimeout: number;
+  sockets: SocketRegistry;
+  log: ConsolaInstance;
+}
+
+/**
+ * Dials the target and the connect-back at the same time (neither waits for
+ * the other), then sends the session id first on the connect-back and bridges
+ * the two. Resolves once the bridge is up, with the target's address;
+ * rejects with the failure the API answers with.
+ */
+export async function openSession(req: SessionRequest, ctx: SessionContext): Promise<{ targetAddress: string }> {
+  const started = performance.now();
+  const target = formatHostPort(req.target.host, req.target.port);
+  const [t, b] = await Promise.allSettled([
+    dialTarget(req.target, ctx.connectTimeout),
+    connectBack(req.reply, ctx.secureContext, ctx.connectTimeout, ctx.handshakeTimeout),
+  ]);
+  if (t.status === "rejected" || b.status === "rejected") {
+    if (t.status === "fulfilled") t.value.destroy();
+    if (b.status === "fulfilled") b.value.destroy();
+    // The target's failure is the more useful one to report when both failed.
+    const err = (t.status === "rejected" ? t.reason : (b as PromiseRejectedResult).reason) as NatproxyError;
+    ctx.log.info(formatSession({ session: req.session, client: req.client, target, outcome: err.code ?? "ERROR", up: 0, down: 0, ms: Math.round(performance.now() - started), detail: err.message }));
+    throw err;
+  }
+  const targetSocket = ctx.sockets.add(t.value);
+  const back = ctx.sockets.add(b.value);
+  back.write(encodeSession(req.session));
+  const targetAddress = formatHostPort(targetSocket.remoteAddress ?? "?", targetSocket.remotePort ?? 0);
+  void bridge(back, targetSocket, ctx.idleTimeout).then((stats) => {
+    const outcome = stats.idle ? "idle-timeout" : stats.error ? `closed-by-${stats.error.side === "a" ? "local" : "target"}-error` : "ok";
+    ctx.log.info(
+      formatSession({
+        session: req.session,
+        client: req.client,
+        target,
+        outcome,
+        up: stats.aToB,
+        down: stats.bToA,
+        ms: Math.round(performance.now() - started),
+        detail: stats.error?.err.message,
+      }),
+    );
+  });
+  return { targetAddress };
+}

@@ -1,0 +1,31 @@
+import type { AddressInfo, Server } from "node:net";
+import type { HostPort } from "./address.ts";
+
+/**
+ * Listens and resolves with the bound addresses (port 0 gives a free one).
+ * Host "*" listens on every address: Node picks :: (dual-stack) and falls
+ * back to 0.0.0.0 where the machine has no IPv6.
+ */
+export function listen(server: Server, at: HostPort): Promise<AddressInfo[]> {
+  return new Promise((resolve, reject) => {
+    const onError = (err: Error) => reject(err);
+    server.once("error", onError);
+    const done = () => {
+      server.off("error", onError);
+      resolve([server.address() as AddressInfo]);
+    };
+    if (at.host === "*") server.listen(at.port, done);
+    else server.listen(at.port, at.host, done);
+  });
+}
+
+/** Stops accepting and resolves once the listener is closed (not its sockets). */
+export function closeServer(server: Server): Promise<void> {
+  return new Promise((resolve) => {
+    if (!server.listening) {
+      resolve();
+      return;
+    }
+    server.close(() => resolve());
+  });
+}

@@ -1,0 +1,19 @@
+import type { IncomingMessage } from "node:http";
+import type { ConsolaInstance } from "consola";
+import type { SocketRegistry } from "../sockets.ts";
+import type { TunnelAgent, TunnelOpenerOptions } from "./tunnels.ts";
+
+/** What every browser-facing handler needs; built once by startLocal. */
+export interface HandlerContext {
+  authorize(req: IncomingMessage): boolean;
+  tunnels: TunnelOpenerOptions;
+  agent: TunnelAgent;
+  sockets: SocketRegistry;
+  log: ConsolaInstance;
+  idleTimeout: number;
+}
+
+export function clientOf(req: IncomingMessage): string {
+  const a = req.socket.remoteAddress ?? "?";
+  return a.includes(":") ? `[${a}]:${req.socket.remotePort}` : `${a}:${req.socket.remotePort}`;
+}

@@ -1,0 +1,112 @@
+import https from "node:https";
+import type { Duplex } from "node:stream";
+import tls from "node:tls";
+import axios, { type AxiosInstance } from "axios";
+import type { HostPort } from "../address.ts";
+import { NatproxyError, isErrorCode } from "../errors.ts";
+import { handshakeError, tlsClientOptions, verifyPeer, type Trust } from "../tls/trust.ts";
+
+/**
+ * Keep-alive HTTPS agent whose connections are handed to the HTTP client only
+ * after the coordinator's certificate passed our checks, so a refused server
+ * never sees the request (and the token in it).
+ */
+class VerifyingAgent extends https.Agent {
+  readonly #trust: Trust;
+  constructor(trust: Trust, idleTimeout: number) {
+    super({ keepAlive: true, timeout: idleTimeout, scheduling: "lifo" });
+    this.#trust = trust;
+  }
+
+  override createConnection(options: https.RequestOptions, callback?: (err: Error | null, stream: Duplex) => void): Duplex | undefined {
+    const socket = tls.connect({ ...(options as tls.ConnectionOptions), ...tlsClientOptions(this.#trust) });
+    socket.setNoDelay(true);
+    let settled = false;
+    const settle = (err: Error | null) => {
+      if (settled) return;
+      settled = true;
+      socket.off("error", onError);
+      if (err) {
+        socket.destroy();
+        callback?.(err, socket);
+      } else callback?.(null, socket);
+    };
+    const onError = (err: NodeJS.ErrnoException) => settle(handshakeError(err, "HTTPS API"));
+    socket.on("error", onError);
+    socket.once("secureConnect", () => settle(verifyPeer(socket, this.#trust) ?? null));
+    // Returning nothing tells the agent the socket comes through the callback.
+    return undefined;
+  }
+}
+
+export interface HelloInfo {
+  version: string;
+  client: HostPort;
+  connect_back: string;
+}
+
+export interface CoordinatorClient {
+  hello(timeout: number): Promise<HelloInfo>;
+  openSession(body: { session: string; target: HostPort; reply: HostPort }, signal: AbortSignal): Promise<void>;
+  close(): void;
+}
+
+export function makeCoordinatorClient(opts: { url: URL; token: string; trust: Trust; idleTimeout: number }): CoordinatorClient {
+  const agent = new VerifyingAgent(opts.trust, opts.idleTimeout);
+  const http: AxiosInstance = axios.create({
+    baseURL: opts.url.origin,
+    httpsAgent: agent,
+    // The coordinator is reached directly: an HTTPS_PROXY in the environment
+    // must not reroute (and reveal the token to) anyone else.
+    proxy: false,
+    maxRedirects: 0,
+    validateStatus: () => true,
+    headers: { Authorization: `Bearer ${opts.token}`, "User-Agent": "natproxy" },
+    responseType: "json",
+  });
+
+  const call = async <T>(method: "get" | "post", path: string, data: unknown, signal: AbortSignal): Promise<T> => {
+    let res;
+    try {
+      res = await http.request({ method, url: path, data, signal });
+    } catch (err) {
+      throw transportError(err, signal);
+    }
+    if (res.status >= 200 && res.status < 300) return res.data as T;
+    throw responseError(res.status, res.data);
+  };
+
+  return {
+    hello: (timeout) => call<HelloInfo>("get", "/v1/hello", undefined, AbortSignal.timeout(timeout)),
+    openSession: async (body, signal) => {
+      await call("post", "/v1/sessions", body, signal);
+    },
+    close: () => agent.destroy(),
+  };
+}
+
+function transportError(err: unknown, signal: AbortSignal): NatproxyError {
+  const e = err as { cause?: unknown; code?: string; message?: string };
+  if (e.cause instanceof NatproxyError) return e.cause;
+  if (err instanceof NatproxyError) return err;
+  if (signal.aborted) {
+    const reason = signal.reason as Error | undefined;
+    if (reason instanceof NatproxyError) return reason;
+    return new NatproxyError("COORDINATOR_UNREACHABLE", "no answer in time");
+  }
+  return new NatproxyError("COORDINATOR_UNREACHABLE", e.code ?? e.message ?? String(err), { cause: err });
+}
+
+function responseError(status: number, data: unknown): NatproxyError {
+  const body = (data ?? {}) as { error?: { code?: unknown; message?: unknown } };
+  const code = body.error?.code;
+  const message = typeof body.error?.message === "string" ? body.error.message : `HTTP ${status}`;
+  if (status === 401) return new NatproxyError("COORDINATOR_REFUSED", `the coordinator rejected our token (401); check [local] token`);
+  if (isErrorCode(code) && code !== "INTERNAL" && code !== "BAD_REQUEST" && code !== "UNAUTHORIZED") {
+    // The coordinator's message already starts with the code's text.
+    const e = new NatproxyError(code);
+    e.message = message;
+    return e;
+  }
+  return new NatproxyError("COORDINATOR_REFUSED", `${status}: ${message}`);
+}

@@ -1,0 +1,94 @@
+import http from "node:http";
+import type { AddressInfo } from "node:net";
+import type { LocalConfig } from "../config.ts";
+import { formatHostPort } from "../address.ts";
+import { NatproxyError } from "../errors.ts";
+import { closeServer, listen } from "../listen.ts";
+import { roleLogger } from "../log.ts";
+import { SocketRegistry } from "../sockets.ts";
+import { describeTrust, makeTrust } from "../tls/trust.ts";
+import type { HandlerContext } from "./context.ts";
+import { makeCoordinatorClient } from "./coordinator-client.ts";
+import { makeConnectHandler } from "./handle-connect.ts";
+import { makeRequestHandler } from "./handle-request.ts";
+import { makeUpgradeHandler } from "./handle-upgrade.ts";
+import { makeProxyAuth } from "./proxy-auth.ts";
+import { SessionTable } from "./sessions.ts";
+import { TunnelService, type TunnelState } from "./tunnel-service.ts";
+import { TunnelAgent } from "./tunnels.ts";
+
+export interface Local {
+  /** The browser-facing HTTP proxy. */
+  proxyAddress: AddressInfo;
+  /** P and P' once the start-up workflow succeeded; undefined while it retries. */
+  tunnel(): TunnelState | undefined;
+  /** Sessions waiting for their connect-back (for tests and leak checks). */
+  pendingSessions(): number;
+  liveSockets(): number;
+  tunnelService: TunnelService;
+  close(): Promise<void>;
+}
+
+export async function startLocal(config: LocalConfig): Promise<Local> {
+  const log = roleLogger("local");
+  const hostname = config.coordinatorUrl.hostname.replace(/^\[|\]$/g, "");
+  const trust = makeTrust({ hostname, allow_self_signed: config.allow_self_signed, fingerprint: config.fingerprint, ca: config.ca });
+  if (config.allow_self_signed && !trust.pin) {
+    log.warn("allow_self_signed = true without a fingerprint: any certificate is accepted, so anyone on the path can impersonate the coordinator. Pin it with [local] fingerprint.");
+  }
+  log.info(`coordinator ${config.coordinatorUrl.origin}, trusting ${describeTrust(trust)}`);
+  const coordinator = makeCoordinatorClient({ url: config.coordinatorUrl, token: config.token, trust, idleTimeout: config.pool_idle_timeout });
+  const sessions = new SessionTable();
+  const sockets = new SocketRegistry();
+  const tunnelService = new TunnelService({ config, trust, sessions, sockets, log });
+
+  const checking = coordinator.hello(config.connect_timeout).then(
+    (info) => log.info(`coordinator answered: natproxy ${info.version}, sees us as ${formatHostPort(info.client.host, info.client.port)}, connect-back policy "${info.connect_back}"`),
+    (err: NatproxyError) => log.error(`coordinator check failed: ${err.message}`),
+  );
+  await Promise.all([tunnelService.start(), checking]);
+
+  const tunnels = { sessions, coordinator, tunnelState: () => tunnelService.state, connectTimeout: config.connect_timeout, sockets };
+  const agent = new TunnelAgent(tunnels, log, config.pool_idle_timeout);
+  const ctx: HandlerContext = { authorize: makeProxyAuth(config.users), tunnels, agent, sockets, log, idleTimeout: config.session_idle_timeout };
+  const server = http.createServer({
+    maxHeaderSize: config.max_header_size,
+    // A browser that opens a connection and sends no complete head is dropped.
+    headersTimeout: config.connect_timeout,
+    requestTimeout: 0,
+    keepAliveTimeout: config.pool_idle_timeout,
+  });
+  server.on("request", makeRequestHandler(ctx));
+  server.on("connect", makeConnectHandler(ctx));
+  server.on("upgrade", makeUpgradeHandler(ctx));
+  server.on("connection", (s) => sockets.add(s));
+  server.on("clientError", (err: NodeJS.ErrnoException, socket) => {
+    log.debug(`browser connection error: ${err.code ?? err.message}`);
+    if (socket.writable && err.code === "HPE_HEADER_OVERFLOW") socket.end("HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\n\r\n");
+    else if (socket.writable) socket.end("HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n");
+    else socket.destroy();
+  });
+  const [proxyAddress] = await listen(server, config.listen);
+  log.info(`HTTP proxy listening on ${formatHostPort(proxyAddress.address, proxyAddress.port)}${config.users.length ? ` (proxy authentication required, ${config.users.length} user(s))` : ""}`);
+
+  let closing: Promise<void> | undefined;
+  return {
+    proxyAddress,
+    tunnel: () => tunnelService.state,
+    pendingSessions: () => sessions.size,
+    liveSockets: () => sockets.size,
+    tunnelService,
+    close() {
+      closing ??= (async () => {
+        const stopped = closeServer(server);
+        sessions.failAll(new NatproxyError("SHUTTING_DOWN"));
+        await tunnelService.close();
+        agent.destroy();
+        coordinator.close();
+        sockets.destroyAll();
+        await stopped;
+      })();
+      return closing;
+    },
+  };
+}

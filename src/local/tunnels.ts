@@ -1,0 +1,106 @@
+import http from "node:http";
+import type { Duplex } from "node:stream";
+import type { TLSSocket } from "node:tls";
+import type { ConsolaInstance } from "consola";
+import { v4 as uuidv4 } from "uuid";
+import { formatHostPort, type HostPort } from "../address.ts";
+import { NatproxyError } from "../errors.ts";
+import { formatSession } from "../request-log.ts";
+import type { SocketRegistry } from "../sockets.ts";
+import type { CoordinatorClient } from "./coordinator-client.ts";
+import type { SessionTable } from "./sessions.ts";
+import type { TunnelState } from "./tunnel-service.ts";
+import { SESSION_MESSAGE_SIZE } from "../wire.ts";
+
+export interface Tunnel {
+  socket: TLSSocket;
+  session: string;
+  started: number;
+}
+
+export interface TunnelOpenerOptions {
+  sessions: SessionTable;
+  coordinator: CoordinatorClient;
+  tunnelState: () => TunnelState | undefined;
+  connectTimeout: number;
+  sockets: SocketRegistry;
+}
+
+/**
+ * The normal workflow for one session: a fresh id in the table, the request to
+ * the coordinator, then wait for its connect-back carrying that id. The first
+ * of "connect-back arrived", "the coordinator answered with an error" and
+ * "connect_timeout passed" decides.
+ */
+export async function openTunnel(opts: TunnelOpenerOptions, target: HostPort, signal?: AbortSignal): Promise<Tunnel> {
+  const state = opts.tunnelState();
+  if (!state) throw new NatproxyError("TUNNEL_NOT_READY");
+  const session = uuidv4();
+  const started = performance.now();
+  const arrival = opts.sessions.expect(session, opts.connectTimeout);
+  const abort = new AbortController();
+  const onCallerAbort = () => opts.sessions.fail(session, new NatproxyError("BAD_REQUEST", "the browser went away"));
+  signal?.addEventListener("abort", onCallerAbort, { once: true });
+  opts.coordinator.openSession({ session, target, reply: state.publicAddress }, abort.signal).catch((err: Error) => opts.sessions.fail(session, err));
+  try {
+    const socket = await arrival;
+    opts.sockets.add(socket);
+    return { socket, session, started };
+  } finally {
+    signal?.removeEventListener("abort", onCallerAbort);
+    // Ends the API call if it is still waiting (timeout or browser gone);
+    // after success it is a no-op, the answer has arrived or will be ignored.
+    abort.abort(new NatproxyError("CONNECT_BACK_TIMEOUT", `no connect-back within ${opts.connectTimeout} ms`));
+  }
+}
+
+/**
+ * Pools tunnels per target for plain-HTTP requests: a browser's keep-alive
+ * requests to the same host reuse one tunnel, and requests to different hosts
+ * on one browser connection each get their own.
+ */
+export class TunnelAgent extends http.Agent {
+  readonly #opts: TunnelOpenerOptions;
+  readonly #log: ConsolaInstance;
+
+  constructor(opts: TunnelOpenerOptions, log: ConsolaInstance, idleTimeout: number) {
+    super({ keepAlive: true, timeout: idleTimeout, scheduling: "lifo" });
+    this.#opts = opts;
+    this.#log = log;
+  }
+
+  override createConnection(options: http.ClientRequestArgs, callback?: (err: Error | null, stream: Duplex) => void): Duplex | undefined {
+    const target = { host: options.host ?? "localhost", port: Number(options.port ?? 80) };
+    const client = (options as { natproxyClient?: string }).natproxyClient ?? "?";
+    openTunnel(this.#opts, target).then(
+      (t) => {
+        this.#logOnClose(t, client, target);
+        callback?.(null, t.socket);
+      },
+      (err: NatproxyError) => {
+        this.#log.info(formatSession({ session: "-", client, target: formatHostPort(target.host, target.port), path: "connect-back", outcome: err.code ?? "ERROR", up: 0, down: 0, ms: 0, detail: err.message }));
+        callback?.(err, undefined as unknown as Duplex);
+      },
+    );
+    return undefined;
+  }
+
+  #logOnClose(t: Tunnel, client: string, target: HostPort): void {
+    // TLS sockets count cleartext: what went to and came from the target,
+    // plus the session header that opened the connect-back.
+    t.socket.once("close", () => {
+      this.#log.info(
+        formatSession({
+          session: t.session,
+          client,
+          target: formatHostPort(target.host, target.port),
+          path: "connect-back",
+          outcome: "ok",
+          up: t.socket.bytesWritten,
+          down: Math.max(0, t.socket.bytesRead - SESSION_MESSAGE_SIZE),
+          ms: Math.round(performance.now() - t.started),
+        }),
+      );
+    });
+  }
+}

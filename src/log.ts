@@ -1,0 +1,24 @@
+import { createConsola, type ConsolaInstance } from "consola";
+
+export const LOG_LEVELS = ["silent", "error", "warn", "info", "debug", "trace"] as const;
+export type LogLevel = (typeof LOG_LEVELS)[number];
+
+const numeric: Record<LogLevel, number> = { silent: -999, error: 0, warn: 1, info: 3, debug: 4, trace: 5 };
+
+// One logger for the process; roles take tagged children so a combined
+// coordinator+reporter process still says which part spoke.
+export const log: ConsolaInstance = createConsola({
+  level: numeric.info,
+  // Logs go to stderr so that stdout stays free for machine-readable output (--check, --version).
+  stdout: process.stderr,
+  stderr: process.stderr,
+  formatOptions: { date: true, colors: process.stderr.isTTY === true, compact: true },
+});
+
+export function setLogLevel(level: LogLevel): void {
+  log.level = numeric[level];
+}
+
+export function roleLogger(tag: string): ConsolaInstance {
+  return log.withTag(tag);
+}

@@ -1,0 +1,85 @@
+import { readFileSync } from "node:fs";
+import { isIP } from "node:net";
+import tls, { type TLSSocket } from "node:tls";
+import { NatproxyError } from "../errors.ts";
+import { formatFingerprint, normalizeFingerprint } from "./certs.ts";
+
+/** How the local proxy decides whether it is talking to its own coordinator. */
+export interface Trust {
+  hostname: string;
+  allowSelfSigned: boolean;
+  /** Normalised pin, or "" for none. */
+  pin: string;
+  /** Extra CAs added to the system's trusted ones. */
+  ca?: string[];
+}
+
+export function makeTrust(opts: { hostname: string; allow_self_signed: boolean; fingerprint: string; ca: string }): Trust {
+  let ca: string[] | undefined;
+  if (opts.ca !== "") ca = [...tls.rootCertificates, readFileSync(opts.ca, "utf8")];
+  return { hostname: opts.hostname, allowSelfSigned: opts.allow_self_signed, pin: normalizeFingerprint(opts.fingerprint), ca };
+}
+
+export function describeTrust(t: Trust): string {
+  if (t.pin) return "the pinned certificate fingerprint";
+  if (t.allowSelfSigned) return "any certificate (allow_self_signed = true and no fingerprint: open to a man in the middle)";
+  return t.ca ? "the system's trusted CAs plus the configured CA bundle" : "the system's trusted CAs";
+}
+
+/**
+ * Handshake options for every TLS connection to the coordinator: the HTTPS API
+ * and the connect-back alike, so both are held to the same certificate.
+ * Verification itself happens in `verifyPeer` once the handshake is done,
+ * which lets the error say which check failed and what the server presented.
+ */
+export function tlsClientOptions(t: Trust): tls.ConnectionOptions {
+  return {
+    // OpenSSL still computes `authorized`; we refuse in verifyPeer before any
+    // application byte is written or read.
+    rejectUnauthorized: false,
+    // Used only for the identity check; SNI must not carry an IP literal.
+    host: t.hostname,
+    servername: isIP(t.hostname) ? undefined : t.hostname,
+    ca: t.ca,
+    minVersion: "TLSv1.2",
+  };
+}
+
+// OpenSSL's codes, said the way a user can act on them.
+const VERIFY_ERRORS: Record<string, string> = {
+  DEPTH_ZERO_SELF_SIGNED_CERT: "the certificate is self-signed",
+  SELF_SIGNED_CERT_IN_CHAIN: "the certificate chain ends in a CA that is not trusted",
+  UNABLE_TO_VERIFY_LEAF_SIGNATURE: "the certificate is signed by a CA that is not trusted",
+  UNABLE_TO_GET_ISSUER_CERT_LOCALLY: "the certificate is signed by a CA that is not trusted",
+  CERT_HAS_EXPIRED: "the certificate has expired",
+  CERT_NOT_YET_VALID: "the certificate is not valid yet",
+  ERR_TLS_CERT_ALTNAME_INVALID: "the certificate is not issued for this host name",
+};
+
+/** Undefined when the peer is acceptable; otherwise the reason, as an error. */
+export function verifyPeer(socket: TLSSocket, t: Trust): NatproxyError | undefined {
+  const raw = socket.getPeerX509Certificate();
+  if (!raw) return new NatproxyError("CERT_UNTRUSTED", "the coordinator presented no certificate");
+  const presented = formatFingerprint(raw);
+  if (t.pin) {
+    if (normalizeFingerprint(presented) === t.pin) return undefined;
+    return new NatproxyError("CERT_PIN_MISMATCH", `it presented ${presented}`);
+  }
+  if (socket.authorized) return undefined;
+  if (t.allowSelfSigned) return undefined;
+  const code = String(socket.authorizationError);
+  const why = VERIFY_ERRORS[code] ? `${VERIFY_ERRORS[code]} [${code}]` : code;
+  return new NatproxyError(
+    "CERT_UNTRUSTED",
+    `${why} (certificate ${raw.subject.replace(/\n/g, ", ")}, ${presented}); ` +
+      `if this is your coordinator, set [local] fingerprint = "${presented}" or ca = "<its CA file>"`,
+  );
+}
+
+/** Maps a failed TLS handshake to an error that says what went wrong. */
+export function handshakeError(err: NodeJS.ErrnoException, where: string): NatproxyError {
+  if (err instanceof NatproxyError) return err;
+  if (err.code === "ECONNREFUSED" || err.code === "ENOTFOUND" || err.code === "EHOSTUNREACH" || err.code === "ETIMEDOUT" || err.code === "EAI_AGAIN")
+    return new NatproxyError("COORDINATOR_UNREACHABLE", `${where}: ${err.code}`, { cause: err });
+  return new NatproxyError("COORDINATOR_UNREACHABLE", `${where}: TLS handshake failed (${err.code ?? err.message})`, { cause: err });
+}

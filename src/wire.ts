@@ -1,0 +1,122 @@
+import type { Duplex } from "node:stream";
+import { parse as uuidParse, stringify as uuidStringify, validate as uuidValidate, version as uuidVersion } from "uuid";
+
+// The one table of messages that travel inside a tunnel connection, before
+// the payload. Every connection between the coordinator and the local proxy
+// starts with exactly one of these, so the receiver knows what it is at once.
+//
+//   magic "NATP" (4) | version (1) | type (1) | payload length (2, big-endian) | payload
+export const MAGIC = Buffer.from("NATP", "latin1");
+export const WIRE_VERSION = 1;
+export const HEADER_SIZE = 8;
+export const MAX_PAYLOAD = 1024;
+export const SESSION_MESSAGE_SIZE = HEADER_SIZE + 16;
+
+export const MessageType = {
+  /** Connect-back: payload is the 16-byte session id; target bytes follow. */
+  Session: 1,
+} as const;
+export type MessageType = (typeof MessageType)[keyof typeof MessageType];
+
+export interface WireMessage {
+  type: MessageType;
+  payload: Buffer;
+}
+
+export class WireError extends Error {
+  readonly code = "WIRE_PROTOCOL";
+}
+
+export function encodeMessage(type: MessageType, payload: Buffer): Buffer {
+  if (payload.length > MAX_PAYLOAD) throw new WireError(`payload of ${payload.length} bytes exceeds ${MAX_PAYLOAD}`);
+  const header = Buffer.alloc(HEADER_SIZE);
+  MAGIC.copy(header, 0);
+  header[4] = WIRE_VERSION;
+  header[5] = type;
+  header.writeUInt16BE(payload.length, 6);
+  return Buffer.concat([header, payload]);
+}
+
+export function encodeSession(sessionId: string): Buffer {
+  return encodeMessage(MessageType.Session, Buffer.from(uuidParse(sessionId)));
+}
+
+export function isSessionId(text: unknown): text is string {
+  return typeof text === "string" && uuidValidate(text) && uuidVersion(text) === 4;
+}
+
+export function sessionIdOf(msg: WireMessage): string {
+  if (msg.type !== MessageType.Session || msg.payload.length !== 16) throw new WireError("not a session message");
+  return uuidStringify(msg.payload);
+}
+
+/**
+ * Decodes one message from the front of `buf`. Returns undefined while more
+ * bytes are needed, and the unread rest once it has one.
+ */
+export function decodeMessage(buf: Buffer): { message: WireMessage; rest: Buffer } | undefined {
+  const check = Math.min(buf.length, MAGIC.length);
+  if (!buf.subarray(0, check).equals(MAGIC.subarray(0, check))) throw new WireError("the peer is not a natproxy coordinator (bad magic)");
+  if (buf.length < HEADER_SIZE) return undefined;
+  if (buf[4] !== WIRE_VERSION) throw new WireError(`unsupported wire version ${buf[4]} (this build speaks ${WIRE_VERSION})`);
+  const type = buf[5];
+  if (!Object.values(MessageType).includes(type as MessageType)) throw new WireError(`unknown message type ${type}`);
+  const length = buf.readUInt16BE(6);
+  if (length > MAX_PAYLOAD) throw new WireError(`payload length ${length} exceeds ${MAX_PAYLOAD}`);
+  if (buf.length < HEADER_SIZE + length) return undefined;
+  return {
+    message: { type: type as MessageType, payload: Buffer.from(buf.subarray(HEADER_SIZE, HEADER_SIZE + length)) },
+    rest: buf.subarray(HEADER_SIZE + length),
+  };
+}
+
+/**
+ * Reads the first message off a stream and puts back whatever followed it,
+ * so the caller can pipe the stream from the first payload byte on.
+ * It reads in paused mode ('readable' + read()): once its listener is gone the
+ * stream is neither flowing nor explicitly paused, so the next consumer's
+ * pipe() or 'data' listener starts it and no byte is emitted to nobody.
+ * The caller owns timeouts and destroys the stream on rejection.
+ */
+export function readMessage(stream: Duplex): Promise<WireMessage> {
+  return new Promise((resolve, reject) => {
+    let buf: Buffer = Buffer.alloc(0);
+    const cleanup = () => {
+      stream.off("readable", onReadable);
+      stream.off("end", onEnd);
+      stream.off("error", onError);
+      stream.off("close", onEnd);
+    };
+    const onReadable = () => {
+      let chunk: Buffer | null;
+      while ((chunk = stream.read() as Buffer | null) !== null) {
+        buf = buf.length ? Buffer.concat([buf, chunk]) : chunk;
+        let result;
+        try {
+          result = decodeMessage(buf);
+        } catch (err) {
+          cleanup();
+          reject(err);
+          return;
+        }
+        if (!result) continue;
+        cleanup();
+        if (result.rest.length) stream.unshift(result.rest);
+        resolve(result.message);
+        return;
+      }
+    };
+    const onEnd = () => {
+      cleanup();
+      reject(new WireError("the connection closed before its first message"));
+    };
+    const onError = (err: Error) => {
+      cleanup();
+      reject(err);
+    };
+    stream.on("readable", onReadable);
+    stream.on("end", onEnd);
+    stream.on("close", onEnd);
+    stream.on("error", onError);
+  });
+}

@@ -1,0 +1,236 @@
+import assert from "node:assert/strict";
+import { randomBytes, createHash } from "node:crypto";
+import http from "node:http";
+import https from "node:https";
+import type { AddressInfo } from "node:net";
+import { after, before, describe, test } from "node:test";
+import { connectThrough, httpsThrough, proxiedRequest } from "./helpers/client.ts";
+import { startLocalFor, startStack, TOKEN, type Stack } from "./helpers/stack.ts";
+import { closedPort, expectedSha256, startHttpsTarget, startHttpTarget, type Target } from "./helpers/targets.ts";
+
+describe("end to end on loopback: reporter, coordinator and local proxy", () => {
+  let stack: Stack;
+  let web: Target;
+  let web6: Target | undefined;
+  let secure: Target;
+
+  before(async () => {
+    stack = await startStack();
+    web = await startHttpTarget();
+    secure = await startHttpsTarget(stack.pki);
+  });
+  after(async () => {
+    await stack?.close();
+    await web?.close();
+    await web6?.close();
+    await secure?.close();
+  });
+
+  test("the start-up workflow learned P' from the reporter and listens on P", () => {
+    const t = stack.local.tunnel();
+    assert.ok(t, "tunnel service is up");
+    assert.equal(t.publicAddress.host, "127.0.0.1");
+    // On loopback there is no NAT: P' is P.
+    assert.equal(t.publicAddress.port, t.localPort);
+  });
+
+  test("plain HTTP GET arrives with its path and Host, and the response comes back", async () => {
+    const r = await proxiedRequest(stack.proxyPort, `http://127.0.0.1:${web.port}/hello?x=1`);
+    assert.equal(r.status, 200);
+    const echo = JSON.parse(r.body.toString());
+    assert.equal(echo.method, "GET");
+    assert.equal(echo.url, "/hello?x=1", "absolute form rewritten to origin form");
+    assert.equal(echo.host, `127.0.0.1:${web.port}`);
+    assert.equal(echo.headers["proxy-connection"], undefined);
+    assert.equal(r.headers["x-target"], "yes");
+  });
+
+  test("POST bodies arrive byte for byte, fixed-length and chunked", async () => {
+    const body = randomBytes(300_000);
+    const fixed = await proxiedRequest(stack.proxyPort, `http://127.0.0.1:${web.port}/post`, { method: "POST", body, headers: { "Content-Length": String(body.length) } });
+    const e1 = JSON.parse(fixed.body.toString());
+    assert.equal(e1.size, body.length);
+    assert.equal(e1.sha256, createHash("sha256").update(body).digest("hex"));
+    assert.equal(e1.chunked, false);
+
+    const parts = [randomBytes(1000), randomBytes(70_000), randomBytes(5)];
+    const chunked = await proxiedRequest(stack.proxyPort, `http://127.0.0.1:${web.port}/post`, { method: "POST", body: parts });
+    const e2 = JSON.parse(chunked.body.toString());
+    assert.equal(e2.chunked, true);
+    assert.equal(e2.sha256, createHash("sha256").update(Buffer.concat(parts)).digest("hex"));
+  });
+
+  test("keep-alive: one browser connection, requests to two different hosts", async () => {
+    const agent = new http.Agent({ keepAlive: true, maxSockets: 1 });
+    try {
+      const a = await proxiedRequest(stack.proxyPort, `http://127.0.0.1:${web.port}/one`, { agent });
+      const b = await proxiedRequest(stack.proxyPort, `http://localhost:${web.port}/two`, { agent });
+      const c = await proxiedRequest(stack.proxyPort, `http://127.0.0.1:${web.port}/three`, { agent });
+      assert.deepEqual([a.status, b.status, c.status], [200, 200, 200]);
+      assert.equal(JSON.parse(b.body.toString()).host, `localhost:${web.port}`);
+      assert.equal(JSON.parse(c.body.toString()).url, "/three");
+      assert.equal(b.reusedSocket, true, "second request reused the browser connection");
+      assert.equal(c.reusedSocket, true);
+    } finally {
+      agent.destroy();
+    }
+  });
+
+  test("CONNECT to an HTTPS server: TLS end to end through the tunnel", async () => {
+    const r = await httpsThrough(stack.proxyPort, "localhost", secure.port, "/secure", stack.pki.ca.cert);
+    assert.equal(r.status, 200);
+    assert.equal(JSON.parse(r.body.toString()).url, "/secure");
+  });
+
+  test("a 64 MiB download through CONNECT arrives with a matching SHA-256", async (t) => {
+    const size = 64 * 1024 * 1024;
+    const t0 = performance.now();
+    const r = await httpsThrough(stack.proxyPort, "localhost", secure.port, `/bytes/${size}`, stack.pki.ca.cert);
+    const ms = performance.now() - t0;
+    assert.equal(r.status, 200);
+    assert.equal(r.sha256, expectedSha256(size));
+    t.diagnostic(`64 MiB in ${ms.toFixed(0)} ms (${((size * 8) / (ms / 1000) / 1e6).toFixed(0)} Mbit/s)`);
+  });
+
+  test("100 concurrent tunnels each deliver their bytes", async () => {
+    const size = 256 * 1024;
+    const results = await Promise.all(
+      Array.from({ length: 100 }, (_, i) =>
+        i % 2 === 0
+          ? httpsThrough(stack.proxyPort, "localhost", secure.port, `/bytes/${size}`, stack.pki.ca.cert)
+          : proxiedRequest(stack.proxyPort, `http://127.0.0.1:${web.port}/bytes/${size}`),
+      ),
+    );
+    const want = expectedSha256(size);
+    assert.equal(results.filter((r) => r.status === 200 && r.sha256 === want).length, 100);
+  });
+
+  test("a target that refuses gives 502 with the reason, for CONNECT and plain HTTP", async () => {
+    const port = await closedPort();
+    const c = await connectThrough(stack.proxyPort, `127.0.0.1:${port}`);
+    assert.equal(c.status, 502);
+    assert.equal(c.headers["x-natproxy-error"], "TARGET_REFUSED");
+    assert.match(c.body, /refused/);
+    const p = await proxiedRequest(stack.proxyPort, `http://127.0.0.1:${port}/`);
+    assert.equal(p.status, 502);
+    assert.match(p.body.toString(), /TARGET_REFUSED/);
+  });
+
+  test("an unresolvable host name gives 502 DNS_FAILED", async () => {
+    const c = await connectThrough(stack.proxyPort, "no-such-host.invalid:443");
+    assert.equal(c.status, 502);
+    assert.equal(c.headers["x-natproxy-error"], "DNS_FAILED");
+  });
+
+  test("malformed requests get 400, not a crash", async () => {
+    const c = await connectThrough(stack.proxyPort, "no-port-here");
+    assert.equal(c.status, 400);
+    const direct = await new Promise<number>((resolve, reject) => {
+      http.get({ host: "127.0.0.1", port: stack.proxyPort, path: "/" }, (res) => {
+        res.resume();
+        resolve(res.statusCode ?? 0);
+      }).on("error", reject);
+    });
+    assert.equal(direct, 400);
+    const ok = await proxiedRequest(stack.proxyPort, `http://127.0.0.1:${web.port}/after`);
+    assert.equal(ok.status, 200);
+  });
+
+  test("no session is left pending once the traffic is done", () => {
+    assert.equal(stack.local.pendingSessions(), 0);
+  });
+});
+
+describe("failures the browser must see as real statuses", () => {
+  let web: Target;
+  before(async () => {
+    web = await startHttpTarget();
+  });
+  after(async () => web?.close());
+
+  /** A real HTTPS server with the coordinator's certificate that accepts API calls and never answers them. */
+  async function silentCoordinator(pki: Stack["pki"]) {
+    let requests = 0;
+    const server = https.createServer({ key: pki.server.key, cert: pki.server.cert }, (req) => {
+      requests++;
+      req.resume();
+    });
+    await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
+    return {
+      port: (server.address() as AddressInfo).port,
+      requests: () => requests,
+      close() {
+        server.closeAllConnections();
+        server.close();
+      },
+    };
+  }
+
+  test("a coordinator that never connects back gives 504 after connect_timeout", async () => {
+    const stack = await startStack();
+    const silent = await silentCoordinator(stack.pki);
+    const local = await startLocalFor(silent.port, stack.reporter.addresses[0].port, stack.pki, { connect_timeout: 400 });
+    try {
+      const t0 = performance.now();
+      const c = await connectThrough(local.proxyAddress.port, `127.0.0.1:${web.port}`);
+      const ms = performance.now() - t0;
+      assert.equal(c.status, 504);
+      assert.equal(c.headers["x-natproxy-error"], "CONNECT_BACK_TIMEOUT");
+      assert.ok(ms >= 380 && ms < 3000, `answered after ${ms} ms`);
+      assert.ok(silent.requests() >= 1, "the session request did reach the coordinator");
+      assert.equal(local.pendingSessions(), 0);
+    } finally {
+      silent.close();
+      await local.close();
+      await stack.close();
+    }
+  });
+
+  test("a wrong token is refused, and the browser is told why", async () => {
+    const stack = await startStack({ local: { token: "wrong-token-wrong-token" } });
+    try {
+      const c = await connectThrough(stack.proxyPort, `127.0.0.1:${web.port}`);
+      assert.equal(c.status, 502);
+      assert.equal(c.headers["x-natproxy-error"], "COORDINATOR_REFUSED");
+      assert.match(c.body, /token/);
+    } finally {
+      await stack.close();
+    }
+  });
+
+  test("an untrusted coordinator certificate is refused before any request is sent", async () => {
+    const stack = await startStack();
+    const silent = await silentCoordinator(stack.pki);
+    // No `ca`: the test CA that signed the coordinator's certificate is not trusted.
+    const local = await startLocalFor(silent.port, stack.reporter.addresses[0].port, stack.pki, { ca: "" });
+    try {
+      const c = await connectThrough(local.proxyAddress.port, `127.0.0.1:${web.port}`);
+      assert.equal(c.status, 502);
+      assert.equal(c.headers["x-natproxy-error"], "CERT_UNTRUSTED");
+      assert.match(c.body, /not trusted/);
+      assert.match(c.body, /fingerprint = "sha256:/, "tells the user how to pin it");
+      assert.equal(silent.requests(), 0, "the token never went to an untrusted server");
+    } finally {
+      silent.close();
+      await local.close();
+      await stack.close();
+    }
+  });
+
+  test("a pinned fingerprint: a mismatch is refused, the right one works without any CA", async () => {
+    const stack = await startStack();
+    const wrong = await startLocalFor(stack.coordinator.addresses[0].port, stack.reporter.addresses[0].port, stack.pki, { ca: "", fingerprint: `sha256:${"00".repeat(32)}` });
+    const pinned = await startLocalFor(stack.coordinator.addresses[0].port, stack.reporter.addresses[0].port, stack.pki, { ca: "", fingerprint: stack.coordinator.fingerprint });
+    try {
+      const c = await connectThrough(wrong.proxyAddress.port, `127.0.0.1:${web.port}`);
+      assert.equal(c.status, 502);
+      assert.equal(c.headers["x-natproxy-error"], "CERT_PIN_MISMATCH");
+      const ok = await proxiedRequest(pinned.proxyAddress.port, `http://127.0.0.1:${web.port}/pinned`);
+      assert.equal(ok.status, 200);
+    } finally {
+      await wrong.close();
+      await pinned.close();
+      await stack.close();
+    }
+  });
+});
