@@ -83,7 +83,7 @@ export async function startReporter(config: ReporterConfig): Promise<ReporterHan
     close(): Promise<void> {
       closing ??= new Promise<void>((resolve) => {
         server.close(() => resolve());
-        
+        for (const peer of live) peer.close("reporter shutting down");
         log().info("stopped");
       });
       return closing;

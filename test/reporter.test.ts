@@ -225,6 +225,14 @@ test('a "*" (dual-stack) reporter reports IPv4 peers as plain IPv4, not ::ffff:'
     assert.deepEqual(v6.publicAddress, { host: "::1", port: v6.localPort });
     v4.close();
     v6.close();
+    // On the wire, not just after the link's own normalising: family 0x01, 4 bytes.
+    const peer = await RawPeer.open("127.0.0.1", port);
+    peer.send(request());
+    const res = await peer.next();
+    const expected = { family: "IPv4", address: "127.0.0.1", port: peer.socket.localPort };
+    peer.socket.destroy();
+    assert.deepEqual(getAttribute(res, "XOR-MAPPED-ADDRESS")?.address, expected);
+    assert.deepEqual(getAttribute(res, "MAPPED-ADDRESS")?.address, expected);
   } finally {
     await reporter.close();
   }
@@ -250,6 +258,23 @@ test("a link from a chosen port P reports P, and P can then be listened on (NATL
     // The link is unaffected: keepalives still flow.
     await onceEvent(link, "packet", "a keepalive after listening");
     assert.equal(link.closed, false);
+  } finally {
+    link.close();
+    await new Promise<void>((resolve) => tunnel.close(() => resolve()));
+    await reporter.close();
+  }
+});
+
+test("a link from any port (localPort 0) leaves that port free to listen on as well", { timeout: 10_000 }, async () => {
+  const reporter = await startReporter(reporterConfig("127.0.0.1"));
+  const link = await openReporterLink(linkOptions(reporter.addresses[0].port));
+  const tunnel = createServer();
+  try {
+    await within(new Promise<void>((resolve, reject) => {
+      tunnel.once("error", reject);
+      tunnel.listen(link.localPort, resolve);
+    }), BOUND, "listen on the link's port");
+    assert.equal((tunnel.address() as { port: number }).port, link.localPort);
   } finally {
     link.close();
     await new Promise<void>((resolve) => tunnel.close(() => resolve()));
@@ -399,7 +424,8 @@ test("a link keeps itself alive with Binding requests against a server that neve
   const fake = await fakeReporter((msg, reply) => {
     if (msg.class === "request") reply(successFor(msg, "198.51.100.2", 40001));
   });
-  const link = await openReporterLink(linkOptions(fake.port, "127.0.0.1", { timeout: 500 }));
+  // timeout < the test's length, so a request timer left running after its answer would show.
+  const link = await openReporterLink(linkOptions(fake.port, "127.0.0.1", { timeout: 3 * INTERVAL }));
   let closeReason: unknown = "not closed";
   link.on("close", function recordClose(reason) {
     closeReason = reason;
@@ -409,13 +435,13 @@ test("a link keeps itself alive with Binding requests against a server that neve
     await within(
       new Promise<void>((resolve) => {
         fake.events.on("message", function countRequests() {
-          if (fake.received.filter((m) => m.class === "request").length >= 8) resolve();
+          if (fake.received.filter((m) => m.class === "request").length >= 12) resolve();
         });
       }),
       BOUND,
-      "8 Binding requests from the link",
+      "12 Binding requests from the link",
     );
-    assert.ok(performance.now() - started >= 6 * INTERVAL, "at most one request per interval");
+    assert.ok(performance.now() - started >= 10 * INTERVAL, "at most one request per interval");
     assert.equal(link.closed, false);
     assert.equal(closeReason, "not closed");
   } finally {
@@ -613,23 +639,31 @@ test("close() ends every connection, stops listening, and leaves no handles or t
   const link: ReporterLink = await openReporterLink(linkOptions(port, "127.0.0.1", { keepAliveInterval: 60_000 }));
   const handshaking = await RawPeer.open("127.0.0.1", port);
   const bound = await RawPeer.open("127.0.0.1", port);
-  bound.send(request());
-  await bound.next();
+  try {
+    bound.send(request());
+    await bound.next();
 
-  const linkClosed = onceEvent<[Error | undefined]>(link, "close", "the link to see the reporter go");
-  await within(reporter.close(), BOUND, "reporter.close()");
-  await within(reporter.close(), BOUND, "a second reporter.close()");
-  const [reason] = await linkClosed;
-  assert.ok(reason instanceof NatproxyError && reason.code === "REPORTER_UNREACHABLE");
-  await handshaking.waitClosed("the handshaking peer to be closed");
-  await bound.waitClosed("the bound peer to be closed");
+    const linkClosed = onceEvent<[Error | undefined]>(link, "close", "the link to see the reporter go");
+    await within(reporter.close(), BOUND, "reporter.close()");
+    await within(reporter.close(), BOUND, "a second reporter.close()");
+    const [reason] = await linkClosed;
+    assert.ok(reason instanceof NatproxyError && reason.code === "REPORTER_UNREACHABLE");
+    await handshaking.waitClosed("the handshaking peer to be closed");
+    await bound.waitClosed("the bound peer to be closed");
 
-  const refused = connect({ host: "127.0.0.1", port });
-  const [err] = await onceEvent<[NodeJS.ErrnoException]>(refused, "error", "a refused connect");
-  assert.equal(err.code, "ECONNREFUSED");
-  refused.destroy();
-  link.close(); // idempotent
-  await resourcesBackTo(baseline, ["TCPServerWrap", "TCPSocketWrap", "Timeout"]);
+    const refused = connect({ host: "127.0.0.1", port });
+    const [err] = await onceEvent<[NodeJS.ErrnoException]>(refused, "error", "a refused connect");
+    assert.equal(err.code, "ECONNREFUSED");
+    refused.destroy();
+    link.close(); // idempotent
+    await resourcesBackTo(baseline, ["TCPServerWrap", "TCPSocketWrap", "Timeout"]);
+  } finally {
+    // Should close() be broken, closing our ends lets the reporter's side go
+    // too, so a failure here does not keep the test process alive.
+    link.close();
+    handshaking.socket.destroy();
+    bound.socket.destroy();
+  }
 });
 
 test("startReporter rejects with a clear error when the port is taken", { timeout: 10_000 }, async () => {

@@ -1,0 +1,209 @@
+import { test, type TestContext } from "node:test";
+import assert from "node:assert/strict";
+import { spawn, type ChildProcess } from "node:child_process";
+import { accessSync, constants, mkdtempSync, rmSync } from "node:fs";
+import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import { delimiter, join } from "node:path";
+import { performance } from "node:perf_hooks";
+import { setLogLevel } from "../src/log.ts";
+import { openReporterLink } from "../src/reporter-link.ts";
+import type { DecodedStunMessage } from "../src/stun.ts";
+
+// The link against an independent STUN server: coturn serves Binding over TCP
+// (NATLAB-NOTES Q8) and, unlike our reporter, never sends keepalives of its
+// own, so only the link's own Binding requests can keep the link alive.
+
+setLogLevel("silent");
+
+const INTERVAL = 100;
+const BOUND = 10_000;
+
+function executable(path: string): boolean {
+  try {
+    accessSync(path, constants.X_OK);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** NATPROXY_TURNSERVER names the binary outright (a custom build, or a wrong path to check the skip). */
+function findTurnserver(): string | undefined {
+  const override = process.env.NATPROXY_TURNSERVER;
+  if (override) return executable(override) ? override : undefined;
+  const dirs = [...(process.env.PATH ?? "").split(delimiter), "/usr/bin", "/usr/sbin", "/usr/local/bin"];
+  return dirs.filter(Boolean).map((dir) => join(dir, "turnserver")).find(executable);
+}
+
+const TURNSERVER = findTurnserver();
+const MISSING = "turnserver (Debian/Ubuntu package coturn) is not installed: apt-get install -y coturn";
+
+function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}`)), ms);
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}
+
+async function freePort(): Promise<number> {
+  const s = createServer();
+  await new Promise<void>((resolve, reject) => {
+    s.once("error", reject);
+    s.listen(0, "127.0.0.1", resolve);
+  });
+  const port = (s.address() as { port: number }).port;
+  await new Promise<void>((resolve) => s.close(() => resolve()));
+  return port;
+}
+
+function hasIPv6Loopback(): Promise<boolean> {
+  const s = createServer();
+  return new Promise((resolve) => {
+    s.once("error", () => resolve(false));
+    s.listen(0, "::1", () => s.close(() => resolve(true)));
+  });
+}
+
+interface Coturn {
+  port: number;
+  output: () => string;
+  stop(): Promise<void>;
+}
+
+/** Starts turnserver as a STUN-only server on loopback and resolves once its TCP listeners are open. */
+async function startCoturn(binary: string, ipv6: boolean): Promise<Coturn> {
+  const port = await freePort();
+  const dir = mkdtempSync(join(tmpdir(), "natproxy-coturn-"));
+  const ips = ipv6 ? ["127.0.0.1", "::1"] : ["127.0.0.1"];
+  const args = [
+    "-n", // no configuration file
+    "-v", // prints "TCP listener opened on", which is what readiness waits for
+    "--stun-only",
+    ...ips.map((ip) => `--listening-ip=${ip}`),
+    `--listening-port=${port}`,
+    "--no-udp",
+    "--no-tls",
+    "--no-dtls",
+    "--no-cli",
+    "--log-file=stdout",
+    "--simple-log",
+    `--pidfile=${join(dir, "turnserver.pid")}`,
+    `--userdb=${join(dir, "turndb")}`,
+  ];
+  const child: ChildProcess = spawn(binary, args, { stdio: ["ignore", "pipe", "pipe"] });
+  let output = "";
+  let exited = false;
+  const exit = new Promise<void>((resolve) => child.once("exit", () => ((exited = true), resolve())));
+  // If the test process dies some other way, the child must not outlive it.
+  const killOnExit = () => child.kill("SIGKILL");
+  process.once("exit", killOnExit);
+
+  const stop = async (): Promise<void> => {
+    process.off("exit", killOnExit);
+    if (!exited) {
+      child.kill("SIGTERM");
+      try {
+        await within(exit, 3000, "turnserver to exit on SIGTERM");
+      } catch {
+        child.kill("SIGKILL");
+        await within(exit, 3000, "turnserver to exit on SIGKILL");
+      }
+    }
+    rmSync(dir, { recursive: true, force: true });
+  };
+
+  const wanted = ips.map((ip) => `TCP listener opened on : ${ip}:${port}`);
+  try {
+    await within(
+      new Promise<void>((resolve, reject) => {
+        const onData = (chunk: Buffer) => {
+          output += chunk.toString();
+          if (wanted.every((w) => output.includes(w))) resolve();
+        };
+        child.stdout?.on("data", onData);
+        child.stderr?.on("data", onData);
+        child.once("error", reject);
+        child.once("exit", (code, signal) => reject(new Error(`turnserver exited early (${code ?? signal}):\n${output}`)));
+      }),
+      BOUND,
+      `turnserver to open ${wanted.join(" and ")}`,
+    );
+  } catch (err) {
+    await stop();
+    throw err;
+  }
+  return { port, output: () => output, stop };
+}
+
+test("reporter link against coturn (turnserver --stun-only over TCP)", { timeout: 60_000 }, async (t: TestContext) => {
+  if (TURNSERVER === undefined) {
+    if (process.env.CI) assert.fail(`${MISSING}. CI must have it so the link is checked against an independent STUN server.`);
+    t.skip(`${MISSING}; skipped outside CI`);
+    return;
+  }
+  const ipv6 = await hasIPv6Loopback();
+  const coturn = await startCoturn(TURNSERVER, ipv6);
+  try {
+    for (const host of ipv6 ? ["127.0.0.1", "::1"] : ["127.0.0.1"]) {
+      await t.test(`over ${host}: the mapped address is the link's local address`, async () => {
+        const link = await openReporterLink({ reporter: { host, port: coturn.port }, localPort: 0, keepAliveInterval: 60_000, timeout: 5000 });
+        try {
+          assert.equal(link.localAddress, host);
+          assert.deepEqual(link.publicAddress, { host, port: link.localPort });
+          assert.match(link.remoteSoftware ?? "", /coturn/i);
+        } finally {
+          link.close();
+        }
+      });
+    }
+
+    await t.test("the link's own Binding requests keep it alive over many intervals", async () => {
+      // Silence for 3 intervals would close the link; coturn never speaks
+      // first, so only answered requests can keep it open this long.
+      const link = await openReporterLink({
+        reporter: { host: "127.0.0.1", port: coturn.port },
+        localPort: 0,
+        keepAliveInterval: INTERVAL,
+        timeout: 2 * INTERVAL,
+      });
+      let closeReason: unknown = "open";
+      link.on("close", function recordClose(reason) {
+        closeReason = reason;
+      });
+      let changed = false;
+      link.on("mapping-changed", function recordChange() {
+        changed = true;
+      });
+      try {
+        const started = performance.now();
+        let responses = 0;
+        await within(
+          new Promise<void>((resolve, reject) => {
+            link.on("packet", function countResponses(msg: DecodedStunMessage) {
+              if (msg.class === "success" && ++responses === 8) resolve();
+            });
+            link.once("close", (reason) => reject(reason ?? new Error("closed")));
+          }),
+          BOUND,
+          "8 answered keepalive requests",
+        );
+        const elapsed = performance.now() - started;
+        assert.ok(elapsed >= 7 * INTERVAL, `8 keepalives took only ${elapsed.toFixed(0)} ms: more than one per interval`);
+        assert.ok(elapsed > 3 * INTERVAL, "longer than the silence the link tolerates");
+        assert.equal(link.closed, false);
+        assert.equal(closeReason, "open");
+        assert.equal(changed, false, "the mapping did not move on loopback");
+        assert.deepEqual(link.publicAddress, { host: "127.0.0.1", port: link.localPort });
+      } finally {
+        link.close();
+      }
+    });
+  } catch (err) {
+    t.diagnostic(`turnserver output:\n${coturn.output()}`);
+    throw err;
+  } finally {
+    await coturn.stop();
+  }
+});
