@@ -11,19 +11,30 @@ export interface BridgeStats {
   idle: boolean;
 }
 
+export interface BridgeTimeouts {
+  /** Both directions silent for this long closes both sides. */
+  idle: number;
+  /**
+   * Once one side has closed, the other is ended and gets this long to finish
+   * (like HAProxy's client-fin/server-fin): a peer that never answers our FIN
+   * must not hold the socket until the idle timeout.
+   */
+  fin: number;
+}
+
+type Socketish = Duplex & { setTimeout?(ms: number): unknown };
+
 /**
  * Pipes two sockets together, both ways, with backpressure (pipe pauses the
  * reader when the writer's buffer is full). An end on one side is passed on
  * as an end, so buffered bytes still drain; an error destroys both at once.
- * Either side idle for `idleTimeout` ms closes both.
  */
-type Socketish = Duplex & { setTimeout?(ms: number): unknown };
-
-export function bridge(a: Socketish, b: Socketish, idleTimeout: number): Promise<BridgeStats> {
+export function bridge(a: Socketish, b: Socketish, timeouts: BridgeTimeouts): Promise<BridgeStats> {
   const started = performance.now();
   const stats: BridgeStats = { aToB: 0, bToA: 0, durationMs: 0, idle: false };
   return new Promise((resolve) => {
     let closed = 0;
+    let oneClosed = false;
     const finish = () => {
       if (++closed < 2) return;
       stats.durationMs = Math.round(performance.now() - started);
@@ -39,14 +50,18 @@ export function bridge(a: Socketish, b: Socketish, idleTimeout: number): Promise
         to.destroy();
       });
       from.on("close", () => {
-        // A peer that vanished without an end gets its partner ended, not
-        // destroyed, so whatever the partner still has to write is delivered.
+        // The partner is ended, not destroyed, so whatever it still has to
+        // write is delivered; then it has `fin` ms to close its side.
+        if (!oneClosed) {
+          oneClosed = true;
+          to.setTimeout?.(timeouts.fin);
+        }
         if (!to.writableEnded) to.end();
         finish();
       });
-      from.setTimeout?.(idleTimeout);
+      from.setTimeout?.(timeouts.idle);
       from.on("timeout", () => {
-        stats.idle = true;
+        if (!oneClosed) stats.idle = true;
         from.destroy();
         to.destroy();
       });

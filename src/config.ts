@@ -49,6 +49,7 @@ const localSchema = z.strictObject({
   retry_delay: ms(500),
   retry_max_delay: ms(30_000),
   session_idle_timeout: ms(600_000),
+  fin_timeout: ms(30_000),
   pool_idle_timeout: ms(30_000),
   max_header_size: z.number().int().min(1024).max(1_048_576).default(65_536),
   users: z.array(z.string()).default([]),
@@ -64,6 +65,7 @@ const coordinatorSchema = z.strictObject({
   connect_timeout: ms(10_000),
   handshake_timeout: ms(10_000),
   session_idle_timeout: ms(600_000),
+  fin_timeout: ms(30_000),
   request_timeout: ms(30_000),
   keep_alive_timeout: ms(60_000),
 });

@@ -15,10 +15,21 @@ export const log: ConsolaInstance = createConsola({
   formatOptions: { date: true, colors: process.stderr.isTTY === true, compact: true },
 });
 
+// withTag() copies the level at creation, so children are remembered and a
+// later setLogLevel() reaches them too.
+const children = new Map<string, ConsolaInstance>();
+
 export function setLogLevel(level: LogLevel): void {
   log.level = numeric[level];
+  for (const child of children.values()) child.level = numeric[level];
 }
 
 export function roleLogger(tag: string): ConsolaInstance {
-  return log.withTag(tag);
+  let child = children.get(tag);
+  if (!child) {
+    child = log.withTag(tag);
+    children.set(tag, child);
+  }
+  child.level = log.level;
+  return child;
 }

@@ -2,7 +2,7 @@ import { EventEmitter } from "node:events";
 import { connect, isIP, type Socket } from "node:net";
 import { formatHostPort, unmapIPv4, type HostPort } from "./address.ts";
 import { NatproxyError } from "./errors.ts";
-import { log as rootLog, roleLogger } from "./log.ts";
+import { roleLogger } from "./log.ts";
 import {
   decodeMessage,
   describeMessage,
@@ -25,11 +25,8 @@ import { SOFTWARE } from "./version.ts";
 // is a plain STUN server that never speaks first (coturn), our own Binding
 // requests keep the mapping alive and show whether it moved.
 
-// withTag() copies the level when called, so a logger made at import time
-// would miss setLogLevel(); this one follows the root logger's level.
-let tagged = roleLogger("reporter-link");
+const tagged = roleLogger("reporter-link");
 function log(): typeof tagged {
-  if (tagged.level !== rootLog.level) tagged = roleLogger("reporter-link");
   return tagged;
 }
 

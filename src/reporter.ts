@@ -1,7 +1,7 @@
 import { createServer, type AddressInfo, type Server, type Socket } from "node:net";
 import { formatHostPort, unmapIPv4 } from "./address.ts";
 import type { ReporterConfig } from "./config.ts";
-import { log as rootLog, roleLogger } from "./log.ts";
+import { roleLogger } from "./log.ts";
 import {
   describeMessage,
   decodeMessage,
@@ -23,11 +23,8 @@ import { SOFTWARE } from "./version.ts";
 // indications so the NAT mapping stays open, and stops (closes) when the peer
 // no longer answers.
 
-// withTag() copies the level when called, so a logger made at import time
-// would miss setLogLevel(); this one follows the root logger's level.
-let tagged = roleLogger("reporter");
+const tagged = roleLogger("reporter");
 function log(): typeof tagged {
-  if (tagged.level !== rootLog.level) tagged = roleLogger("reporter");
   return tagged;
 }
 

@@ -5,7 +5,8 @@ import https from "node:https";
 import type { AddressInfo } from "node:net";
 import { after, before, describe, test } from "node:test";
 import { connectThrough, httpsThrough, proxiedRequest } from "./helpers/client.ts";
-import { startLocalFor, startStack, TOKEN, type Stack } from "./helpers/stack.ts";
+import { startLocalFor, startStack, type Stack } from "./helpers/stack.ts";
+import { waitUntil } from "./helpers/wait.ts";
 import { closedPort, expectedSha256, startHttpsTarget, startHttpTarget, type Target } from "./helpers/targets.ts";
 
 describe("end to end on loopback: reporter, coordinator and local proxy", () => {
@@ -15,7 +16,7 @@ describe("end to end on loopback: reporter, coordinator and local proxy", () => 
   let secure: Target;
 
   before(async () => {
-    stack = await startStack();
+    stack = await startStack({ local: { pool_idle_timeout: 300, fin_timeout: 500 }, coordinator: { fin_timeout: 500 } });
     web = await startHttpTarget();
     secure = await startHttpsTarget(stack.pki);
   });
@@ -136,8 +137,21 @@ describe("end to end on loopback: reporter, coordinator and local proxy", () => 
     assert.equal(ok.status, 200);
   });
 
-  test("no session is left pending once the traffic is done", () => {
+  test("when the browser closes, both sides close every socket of the session", async () => {
+    const baseline = { local: stack.local.liveSockets(), coordinator: stack.coordinator.liveSockets() };
+    const tunnel = await connectThrough(stack.proxyPort, `localhost:${secure.port}`);
+    assert.equal(tunnel.status, 200);
+    await waitUntil(() => stack.coordinator.liveSockets() > baseline.coordinator, 2000);
+    tunnel.socket.destroy();
+    await waitUntil(() => stack.local.liveSockets() <= baseline.local && stack.coordinator.liveSockets() <= baseline.coordinator, 3000, "sockets back to the baseline");
+  });
+
+  test("nothing is left behind: no pending session, no socket but idle pooled ones", async () => {
     assert.equal(stack.local.pendingSessions(), 0);
+    // Pooled plain-HTTP tunnels close after pool_idle_timeout (300 ms here).
+    await waitUntil(() => stack.local.liveSockets() === 0, 5000);
+    // The coordinator keeps only the local proxy's idle API connection.
+    await waitUntil(() => stack.coordinator.liveSockets() <= 1, 5000);
   });
 });
 

@@ -14,6 +14,8 @@ export interface Coordinator {
   addresses: AddressInfo[];
   /** The certificate it serves, as "sha256:..." (what a local proxy pins). */
   fingerprint: string;
+  /** Open sockets: API connections, targets and connect-backs (for leak checks). */
+  liveSockets(): number;
   close(): Promise<void>;
 }
 
@@ -29,6 +31,7 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
     connectTimeout: config.connect_timeout,
     handshakeTimeout: config.handshake_timeout,
     idleTimeout: config.session_idle_timeout,
+    finTimeout: config.fin_timeout,
     sockets,
     log,
   };
@@ -58,6 +61,7 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
   return {
     addresses,
     fingerprint: keyPair.fingerprint,
+    liveSockets: () => sockets.size,
     async close() {
       const closing = closeServer(server);
       sockets.destroyAll();

@@ -20,6 +20,7 @@ export interface SessionContext {
   connectTimeout: number;
   handshakeTimeout: number;
   idleTimeout: number;
+  finTimeout: number;
   sockets: SocketRegistry;
   log: ConsolaInstance;
 }
@@ -49,7 +50,7 @@ export async function openSession(req: SessionRequest, ctx: SessionContext): Pro
   const back = ctx.sockets.add(b.value);
   back.write(encodeSession(req.session));
   const targetAddress = formatHostPort(targetSocket.remoteAddress ?? "?", targetSocket.remotePort ?? 0);
-  void bridge(back, targetSocket, ctx.idleTimeout).then((stats) => {
+  void bridge(back, targetSocket, { idle: ctx.idleTimeout, fin: ctx.finTimeout }).then((stats) => {
     const outcome = stats.idle ? "idle-timeout" : stats.error ? `closed-by-${stats.error.side === "a" ? "local" : "target"}-error` : "ok";
     ctx.log.info(
       formatSession({

@@ -1,5 +1,6 @@
 import type { IncomingMessage } from "node:http";
 import type { ConsolaInstance } from "consola";
+import type { BridgeTimeouts } from "../bridge.ts";
 import type { SocketRegistry } from "../sockets.ts";
 import type { TunnelAgent, TunnelOpenerOptions } from "./tunnels.ts";
 
@@ -10,7 +11,7 @@ export interface HandlerContext {
   agent: TunnelAgent;
   sockets: SocketRegistry;
   log: ConsolaInstance;
-  idleTimeout: number;
+  bridgeTimeouts: BridgeTimeouts;
 }
 
 export function clientOf(req: IncomingMessage): string {

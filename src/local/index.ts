@@ -50,13 +50,15 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
 
   const tunnels = { sessions, coordinator, tunnelState: () => tunnelService.state, connectTimeout: config.connect_timeout, sockets };
   const agent = new TunnelAgent(tunnels, log, config.pool_idle_timeout);
-  const ctx: HandlerContext = { authorize: makeProxyAuth(config.users), tunnels, agent, sockets, log, idleTimeout: config.session_idle_timeout };
+  const ctx: HandlerContext = { authorize: makeProxyAuth(config.users), tunnels, agent, sockets, log, bridgeTimeouts: { idle: config.session_idle_timeout, fin: config.fin_timeout } };
   const server = http.createServer({
     maxHeaderSize: config.max_header_size,
     // A browser that opens a connection and sends no complete head is dropped.
     headersTimeout: config.connect_timeout,
     requestTimeout: 0,
-    keepAliveTimeout: config.pool_idle_timeout,
+    // An idle browser connection is an idle session; pooled tunnels behind it
+    // close on their own after pool_idle_timeout.
+    keepAliveTimeout: config.session_idle_timeout,
   });
   server.on("request", makeRequestHandler(ctx));
   server.on("connect", makeConnectHandler(ctx));

@@ -28,7 +28,7 @@ export function spliceThroughTunnel(ctx: HandlerContext, socket: Duplex, target:
         return;
       }
       const preUp = first(t);
-      void bridge(socket, t.socket, ctx.idleTimeout).then((s) => {
+      void bridge(socket, t.socket, ctx.bridgeTimeouts).then((s) => {
         const outcome = s.idle ? "idle-timeout" : s.error ? `closed-by-${s.error.side === "a" ? "browser" : "tunnel"}-error` : "ok";
         log(t.session, outcome, s.aToB + preUp, s.bToA, s.error?.err.message);
       });

@@ -1,0 +1,165 @@
+// The results table (text) and its chart (SVG, turned into PNG by rsvg-convert).
+import type { Summary } from "./stats.ts";
+
+export interface MetricDef {
+  key: string;
+  /** Column header, short. */
+  title: string;
+  better: "higher" | "lower";
+  /** How the spread is shown: min–max over rounds, or IQR of pooled samples. */
+  spread: "range" | "iqr" | "none";
+  /** Only proxies have it (memory, CPU): no ratio to direct. */
+  proxyOnly?: boolean;
+  /** Drawn in the chart's ratio panel. */
+  chartRatio?: boolean;
+}
+
+export interface Cell {
+  summary?: Summary;
+  /** summary.median / direct's median. */
+  ratio?: number;
+  /** Shown instead of a number (e.g. "0/400"). */
+  text?: string;
+  /** Added to the spread line (e.g. "idle 390"). */
+  note?: string;
+}
+
+export interface Table {
+  contenders: string[];
+  metrics: MetricDef[];
+  cells: Record<string, Record<string, Cell>>;
+}
+
+export function fmt(v: number | undefined): string {
+  if (v === undefined || !Number.isFinite(v)) return "—";
+  const a = Math.abs(v);
+  if (a >= 1000) return Math.round(v).toString();
+  if (a >= 100) return v.toFixed(0);
+  if (a >= 10) return v.toFixed(1);
+  if (a >= 1) return v.toFixed(2);
+  return v.toFixed(3);
+}
+
+const fmtRatio = (r: number | undefined): string => (r === undefined || !Number.isFinite(r) ? "" : `×${r >= 10 ? r.toFixed(1) : r.toFixed(2)}`);
+
+function cellLines(m: MetricDef, c: Cell | undefined): [string, string] {
+  if (!c) return ["—", ""];
+  if (c.text !== undefined) return [c.text, ""];
+  const s = c.summary;
+  if (!s) return ["—", ""];
+  const first = `${fmt(s.median)}${c.ratio !== undefined ? ` ${fmtRatio(c.ratio)}` : ""}`;
+  const spread = m.spread === "range" ? (s.n > 1 ? `${fmt(s.min)}–${fmt(s.max)}` : "") : m.spread === "iqr" ? `IQR ${fmt(s.q1)}–${fmt(s.q3)}` : "";
+  return [first, [spread, c.note].filter(Boolean).join(", ")];
+}
+
+/** Rows = contenders, two lines each: median and ratio to direct, then the spread. */
+export function renderTable(t: Table): string {
+  const header = ["contender", ...t.metrics.map((m) => m.title)];
+  const rows: string[][] = [];
+  for (const name of t.contenders) {
+    const cells = t.metrics.map((m) => cellLines(m, t.cells[name]?.[m.key]));
+    rows.push([name, ...cells.map((c) => c[0])]);
+    rows.push(["", ...cells.map((c) => c[1])]);
+  }
+  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
+  const line = (r: string[]): string => r.map((x, i) => (i === 0 ? x.padEnd(widths[i]) : x.padStart(widths[i]))).join(" | ");
+  const sep = widths.map((w) => "-".repeat(w)).join("-+-");
+  const out = [line(header), sep];
+  rows.forEach((r, i) => {
+    out.push(line(r));
+    if (i % 2 === 1 && i < rows.length - 1) out.push(sep.replace(/[-+]/g, (ch) => (ch === "+" ? "+" : "-")));
+  });
+  return out.join("\n");
+}
+
+const esc = (s: string): string => s.replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;");
+const COLORS = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#b07aa1", "#76b7b2", "#edc948"];
+
+/**
+ * Left: ratio to direct for each measurement (log scale, 1 = as fast as no
+ * proxy), one bar per proxy. Right: what the proxies cost (CPU per GB, peak
+ * memory), absolute.
+ */
+export function renderSvg(t: Table, title: string, subtitle: string): string {
+  const proxies = t.contenders.filter((c) => c !== "direct");
+  const color = (c: string): string => COLORS[proxies.indexOf(c) % COLORS.length];
+  const W = 1400;
+  const H = 640;
+  const parts: string[] = [];
+  const text = (x: number, y: number, s: string, opts: { size?: number; anchor?: string; weight?: string; fill?: string; rotate?: number } = {}): void => {
+    const tr = opts.rotate ? ` transform="rotate(${opts.rotate} ${x} ${y})"` : "";
+    parts.push(
+      `<text x="${x.toFixed(1)}" y="${y.toFixed(1)}" font-family="DejaVu Sans, sans-serif" font-size="${opts.size ?? 12}" text-anchor="${opts.anchor ?? "start"}" font-weight="${opts.weight ?? "normal"}" fill="${opts.fill ?? "#222"}"${tr}>${esc(s)}</text>`,
+    );
+  };
+  parts.push(`<rect width="${W}" height="${H}" fill="white"/>`);
+  text(24, 32, title, { size: 18, weight: "bold" });
+  text(24, 52, subtitle, { size: 12, fill: "#555" });
+
+  // Legend.
+  proxies.forEach((p, i) => {
+    const x = 24 + i * 190;
+    parts.push(`<rect x="${x}" y="66" width="14" height="14" fill="${color(p)}"/>`);
+    text(x + 20, 78, p, { size: 13 });
+  });
+
+  // Left panel: ratios, log2 scale.
+  const ratioMetrics = t.metrics.filter((m) => m.chartRatio);
+  const L = { x: 70, y: 110, w: 860, h: 430 };
+  const ratios = ratioMetrics.flatMap((m) => proxies.map((p) => t.cells[p]?.[m.key]?.ratio).filter((r): r is number => r !== undefined && r > 0 && Number.isFinite(r)));
+  const lo = Math.min(0.5, ...ratios.map((r) => 2 ** Math.floor(Math.log2(r))));
+  const hi = Math.max(2, ...ratios.map((r) => 2 ** Math.ceil(Math.log2(r))));
+  const yOf = (r: number): number => L.y + L.h - ((Math.log2(r) - Math.log2(lo)) / (Math.log2(hi) - Math.log2(lo))) * L.h;
+  text(L.x, L.y - 12, "ratio to direct (log scale; 1 = same as no proxy)", { size: 13, weight: "bold" });
+  for (let e = Math.log2(lo); e <= Math.log2(hi); e++) {
+    const r = 2 ** e;
+    const y = yOf(r);
+    parts.push(`<line x1="${L.x}" y1="${y}" x2="${L.x + L.w}" y2="${y}" stroke="${r === 1 ? "#333" : "#ddd"}" stroke-width="${r === 1 ? 1.5 : 1}"/>`);
+    text(L.x - 8, y + 4, r >= 1 ? `${r}×` : `1/${1 / r}×`, { size: 11, anchor: "end", fill: "#555" });
+  }
+  const gw = L.w / Math.max(1, ratioMetrics.length);
+  const bw = Math.min(36, (gw - 24) / Math.max(1, proxies.length));
+  ratioMetrics.forEach((m, gi) => {
+    const gx = L.x + gi * gw + (gw - bw * proxies.length) / 2;
+    proxies.forEach((p, pi) => {
+      const r = t.cells[p]?.[m.key]?.ratio;
+      const x = gx + pi * bw;
+      if (r === undefined || !(r > 0) || !Number.isFinite(r)) {
+        text(x + bw / 2, yOf(1) - 4, "n/a", { size: 9, anchor: "middle", fill: "#999" });
+        return;
+      }
+      const y1 = yOf(1);
+      const y2 = yOf(r);
+      parts.push(`<rect x="${(x + 2).toFixed(1)}" y="${Math.min(y1, y2).toFixed(1)}" width="${(bw - 4).toFixed(1)}" height="${Math.max(1, Math.abs(y2 - y1)).toFixed(1)}" fill="${color(p)}"/>`);
+      text(x + bw / 2, r >= 1 ? y2 - 4 : y2 + 12, r >= 10 ? r.toFixed(0) : r.toFixed(2), { size: 10, anchor: "middle" });
+    });
+    const cx = L.x + gi * gw + gw / 2;
+    text(cx, L.y + L.h + 20, m.title, { size: 12, anchor: "middle", weight: "bold" });
+    text(cx, L.y + L.h + 36, m.better === "higher" ? "higher is better" : "lower is better", { size: 11, anchor: "middle", fill: "#666" });
+  });
+
+  // Right panel: absolute costs of the proxies.
+  const costMetrics = t.metrics.filter((m) => m.proxyOnly);
+  const R = { x: 990, y: 110, w: 370 };
+  const panelH = 430 / Math.max(1, costMetrics.length);
+  costMetrics.forEach((m, mi) => {
+    const top = R.y + mi * panelH;
+    text(R.x, top - 12 + (mi ? 24 : 0), `${m.title} (lower is better)`, { size: 13, weight: "bold" });
+    const vals = proxies.map((p) => t.cells[p]?.[m.key]?.summary?.median);
+    const max = Math.max(1e-9, ...vals.filter((v): v is number => v !== undefined));
+    const rowH = Math.min(30, (panelH - 40) / Math.max(1, proxies.length));
+    proxies.forEach((p, pi) => {
+      const y = top + (mi ? 24 : 0) + pi * rowH;
+      const v = vals[pi];
+      text(R.x + 120, y + rowH * 0.65, p, { size: 11, anchor: "end" });
+      if (v === undefined) {
+        text(R.x + 128, y + rowH * 0.65, "n/a", { size: 11, fill: "#999" });
+        return;
+      }
+      const w = (v / max) * (R.w - 190);
+      parts.push(`<rect x="${R.x + 128}" y="${(y + 3).toFixed(1)}" width="${Math.max(1, w).toFixed(1)}" height="${(rowH - 6).toFixed(1)}" fill="${color(p)}"/>`);
+      text(R.x + 132 + w, y + rowH * 0.65, fmt(v), { size: 11 });
+    });
+  });
+  return `<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" viewBox="0 0 ${W} ${H}">\n${parts.join("\n")}\n</svg>\n`;
+}

@@ -1,0 +1,32 @@
+// Ends the bench's children if the bench itself dies without cleaning up
+// (SIGKILL, crash): the bench writes each child's pid as a line on our stdin;
+// when stdin closes, every pid still listed gets SIGKILL. A line "-PID" takes
+// a pid off the list (the bench stopped it itself). Ctrl-C reaches the whole
+// process group: we ignore it and wait for the bench to close the pipe.
+const pids = new Set<number>();
+let buf = "";
+process.on("SIGINT", () => {});
+process.on("SIGTERM", () => {});
+process.stdin.setEncoding("utf8");
+process.stdin.on("data", (chunk: string) => {
+  buf += chunk;
+  let nl: number;
+  while ((nl = buf.indexOf("\n")) >= 0) {
+    const line = buf.slice(0, nl).trim();
+    buf = buf.slice(nl + 1);
+    const n = Number(line);
+    if (!Number.isInteger(n) || n === 0) continue;
+    if (n > 0) pids.add(n);
+    else pids.delete(-n);
+  }
+});
+const finish = (): void => {
+  for (const pid of pids) {
+    try {
+      process.kill(pid, "SIGKILL");
+    } catch {}
+  }
+  process.exit(0);
+};
+process.stdin.on("end", finish);
+process.stdin.on("close", finish);

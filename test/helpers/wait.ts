@@ -1,0 +1,11 @@
+/**
+ * Waits for a condition that no event announces (counts reaching a baseline),
+ * checking every 20 ms, bounded by `ms`; fails with `what` if it never holds.
+ */
+export async function waitUntil(cond: () => boolean, ms: number, what = "condition"): Promise<void> {
+  const deadline = performance.now() + ms;
+  while (!cond()) {
+    if (performance.now() > deadline) throw new Error(`${what} did not hold within ${ms} ms`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+}
