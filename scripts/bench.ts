@@ -9,7 +9,7 @@
 // Everything runs on 127.0.0.1 (or in the lab's own namespaces); every child
 // process is ended on exit.
 import { spawnSync } from "node:child_process";
-import { existsSync, mkdirSync, mkdtempSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { chmodSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { cpus, loadavg, tmpdir } from "node:os";
 import { dirname, join, relative, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -18,7 +18,7 @@ import { generateCertificate } from "../src/tls/certs.ts";
 import type { ClientJob } from "./bench/client.ts";
 import { CONTENDERS, SkipContender, loopbackPlacement, type BenchEnv, type Contender, type RunningContender } from "./bench/contenders.ts";
 import { LAB_NAT, LAB_ONE_WAY_DELAY_MS, LAB_SERVER_IPS, runDelayPhase, type DelayResult } from "./bench/delay.ts";
-import { cpuSeconds, hwmKb, killAllChildrenNow, resetPeakRss, rssKb, sampleRss, setWatchdog, startChild, stopAllChildren, stopChild, type Child } from "./bench/procs.ts";
+import { cpuSeconds, hwmKb, killAllChildrenNow, refuseNewChildren, resetPeakRss, rssKb, sampleRss, setWatchdog, startChild, stopAllChildren, stopChild, type Child } from "./bench/procs.ts";
 import { renderSvg, renderTable, type Cell, type MetricDef, type Table } from "./bench/report.ts";
 import { curlGet, runClient, startTarget, type CurlResult } from "./bench/runner.ts";
 import { ensureBinary, ensurePackages } from "./bench/setup.ts";
@@ -95,6 +95,7 @@ for (const sig of ["SIGINT", "SIGTERM", "SIGHUP"] as const) {
   process.on(sig, () => {
     if (interrupted) process.exit(130);
     interrupted = true;
+    refuseNewChildren();
     log(`${sig}: stopping every child process and exiting`);
     void stopAllChildren().finally(() => {
       cleanupSync();
@@ -104,11 +105,13 @@ for (const sig of ["SIGINT", "SIGTERM", "SIGHUP"] as const) {
   });
 }
 process.on("uncaughtException", (err) => {
+  if (interrupted) return; // the signal handler is already ending the run
   process.stderr.write(`bench: FAILED: ${err.stack ?? err.message}\n`);
   cleanupSync();
   process.exit(1);
 });
 process.on("unhandledRejection", (err) => {
+  if (interrupted) return;
   process.stderr.write(`bench: FAILED: ${(err as Error)?.stack ?? String(err)}\n`);
   cleanupSync();
   process.exit(1);
@@ -118,15 +121,22 @@ process.on("unhandledRejection", (err) => {
 
 log(`natproxy bench${quick ? " --quick" : ""}${opts.delay ? " --delay" : ""}: ${opts.rounds} rounds, budget ${opts.budgetS} s`);
 ensurePackages(log);
-const natproxyBin = ensureBinary(ROOT, args.rebuild, log);
+const builtBin = ensureBinary(ROOT, args.rebuild, log);
 tmp = mkdtempSync(join(tmpdir(), "natproxy-bench-"));
 const home = tmp;
+// A private copy: a build running meanwhile (npm test rebuilds dist/natproxy)
+// must not swap or remove the binary under a running bench.
+const natproxyBin = join(home, "natproxy");
+copyFileSync(builtBin, natproxyBin);
+chmodSync(natproxyBin, 0o755);
+const builtMtime = statSync(builtBin).mtime.toISOString();
 
 // Kills our children should this process die without cleaning up (SIGKILL).
 const watchdog = startChild("watchdog", process.execPath, [join(HERE, "watchdog.ts")]);
 setWatchdog((line) => {
   if (watchdog.isRunning()) watchdog.proc.stdin?.write(line);
 });
+watchdog.proc.stdin?.write(`dir ${home}\n`);
 
 const pki = await (async () => {
   const ca = await generateCertificate({ commonName: "natproxy bench CA", isCa: true, days: 2 });
@@ -188,7 +198,7 @@ async function bringUp(e: Entry): Promise<void> {
  * restarted, at most MAX_RESTARTS times.
  */
 async function alive(e: Entry, when: string): Promise<boolean> {
-  if (!e.run) return false;
+  if (!e.run || interrupted) return false;
   const dead = e.run.children.filter((c) => !c.isRunning());
   if (dead.length === 0) return true;
   for (const c of dead) {
@@ -249,6 +259,8 @@ interface ConcurrentRun {
   peakKb?: number;
   hwmKb?: number;
   sampledKb?: number;
+  /** Sampled peak of the summed PSS (shared binary pages counted once). */
+  peakPssKb?: number;
   idleKb?: number;
   hwmReset?: boolean;
   cpuS?: number | null;
@@ -315,6 +327,7 @@ for (let r = 0; r < opts.rounds && !interrupted; r++) {
   // 1 + 5: bulk downloads, with the proxies' CPU time around each.
   const each = async (what: string, fn: (e: Entry) => Promise<void>): Promise<void> => {
     for (const e of order) {
+      if (interrupted) return;
       if (late(`${what} ${e.def.name}`)) continue;
       if (!(await alive(e, `before ${what}, round ${r + 1}`))) continue;
       await fn(e);
@@ -352,11 +365,11 @@ for (let r = 0; r < opts.rounds && !interrupted; r++) {
     const stopSampling = sampleRss(pids, 20);
     const c0 = cpuOf(e);
     const res = await runClient<ConcurrentRun>(job({ mode: "concurrent", via: e.run!.via, count: opts.concurrency, bytes: opts.concurrencyBytes, timeoutMs: opts.opTimeoutS * 1000, deadlineMs: Math.min(opts.opTimeoutS * 1000 + 5000, timeLeftMs()) }));
-    const sampledKb = stopSampling();
+    const { rssKb: sampledKb, pssKb: peakPssKb } = stopSampling();
     const c1 = cpuOf(e);
     const hwm = hwmKb(pids);
     const peakKb = pids.length ? (hwmReset ? Math.max(hwm, sampledKb) : sampledKb) : undefined;
-    rd.concurrent[e.def.name] = { ...res, tunnelMs: round3(res.tunnelMs), firstByteMs: round3(res.firstByteMs), peakKb, hwmKb: hwm, sampledKb, idleKb, hwmReset, cpuS: c0 === null || c1 === null ? null : c1 - c0 };
+    rd.concurrent[e.def.name] = { ...res, tunnelMs: round3(res.tunnelMs), firstByteMs: round3(res.firstByteMs), peakKb, hwmKb: hwm, sampledKb, peakPssKb, idleKb, hwmReset, cpuS: c0 === null || c1 === null ? null : c1 - c0 };
     const kinds = [...new Set((res.failures ?? []).map((f) => f.message))].slice(0, 3).join("; ");
     log(`  concurrent ${e.def.name}: ${((res.totalMs ?? 0) / 1000).toFixed(2)} s, ${res.failed ?? "?"} failed${kinds ? ` (${kinds})` : ""}${peakKb ? `, peak RSS ${(peakKb / 1024).toFixed(0)} MiB (idle ${(idleKb / 1024).toFixed(0)})` : ""}${res.error ? ` ERROR ${res.error}` : ""}`);
   });
@@ -473,8 +486,12 @@ const diagnostics = names.map((n) => {
   const cpuPerReq = median(rps.map((x) => ((x.cpuS ?? 0) * 1e6) / (x.completed ?? 1)));
   const conc = rounds.map((rd) => rd.concurrent[n]).filter((c) => c?.cpuS != null);
   const concCpu = median(conc.map((c) => c.cpuS ?? NaN));
+  const pss = median(conc.map((c) => (c.peakPssKb ?? NaN) / 1024));
+  const lab = delay?.contenders[n]?.rounds.flatMap((x) => x.samples) ?? [];
+  const labMed = (k: "tcp" | "tunnel" | "tls" | "firstByte"): string => median(lab.map((x) => x[k]))?.toFixed(1) ?? "—";
   return `  ${n.padEnd(18)} TTFB phases (ms from start, medians): TCP ${med("tcp")}, tunnel ready ${med("tunnel")}, TLS done ${med("tls")}, first byte ${med("firstByte")}` +
-    (n === "direct" ? "" : `; CPU ${cpuPerReq?.toFixed(0) ?? "—"} µs per small request; CPU ${concCpu?.toFixed(2) ?? "—"} s for the 200-tunnel test`);
+    (lab.length ? `; @20ms RTT: TCP ${labMed("tcp")}, tunnel ${labMed("tunnel")}, TLS ${labMed("tls")}, first byte ${labMed("firstByte")}` : "") +
+    (n === "direct" ? "" : `; CPU ${cpuPerReq?.toFixed(0) ?? "—"} µs per small request, ${concCpu?.toFixed(2) ?? "—"} s in the 200-tunnel test; peak PSS ${pss?.toFixed(0) ?? "—"} MiB`);
 });
 
 // ---------------------------------------------------------------- output
@@ -484,7 +501,7 @@ const version = (cmd: string, a: string[], re: RegExp): string => {
   return re.exec(`${r.stdout}${r.stderr}`)?.[0] ?? "?";
 };
 const versions = {
-  natproxy: `${spawnSync(natproxyBin, ["--version"], { encoding: "utf8" }).stdout.trim()} (${relative(ROOT, natproxyBin)}, built ${statSync(natproxyBin).mtime.toISOString()})`,
+  natproxy: `${spawnSync(natproxyBin, ["--version"], { encoding: "utf8" }).stdout.trim()} (copy of ${relative(ROOT, builtBin)} built ${builtMtime})`,
   squid: version("squid", ["-v"], /Version \S+/).replace("Version", "squid"),
   shadowsocks: version("ss-server", ["-h"], /shadowsocks-libev \S+/),
   curl: version("curl", ["--version"], /curl \S+/),
@@ -504,7 +521,8 @@ const legend = [
     ? [`  TTFB @20ms RTT   NAT lab (${LAB_NAT} NAT, ${LAB_ONE_WAY_DELAY_MS} ms each way): client, local proxy and ss-local on the LAN host; coordinator, squid, ss-server on the coordinator host; ${opts.delayTtfbCount} requests × ${opts.delayRounds} rounds; RTT median ${delayRttMs?.toFixed(1)} ms`]
     : []),
   `  200x1MiB s       Node client: ${opts.concurrency} tunnels opened at once, each HTTPS GET /bytes/${opts.concurrencyBytes} (content checked); time until the last is done; failed = failed/tried over all rounds`,
-  "  peak RSS MiB     sum over the proxy's processes of VmHWM (reset through clear_refs before the 200-tunnel test) or of VmRSS sampled every 20 ms, whichever is higher; idle = before the test",
+  "  peak RSS MiB     sum over the proxy's processes of VmHWM (reset through clear_refs before the 200-tunnel test) or of VmRSS sampled every 20 ms, whichever is higher; idle = before the test.",
+  "                   A sum of RSS counts pages shared by several processes (natproxy's 3 processes map the same ~120 MB binary) once per process; the diagnostics give the sampled peak PSS, which counts them once.",
   `  small req/s      Node client: ${opts.rpsConnections} keep-alive connections, each sending plain-HTTP GET /small (2-byte body) one at a time, for ${opts.rpsSeconds} s`,
   "  CPU s/GB         utime+stime of all the proxy's processes (/proc/<pid>/stat) across both bulk downloads / GB moved",
   "  ×ratio           median / direct's median (MB/s, req/s: higher is better; ms, s: lower is better)",

@@ -19,7 +19,18 @@ export function listen(server: Server, at: HostPort): Promise<AddressInfo[]> {
   });
 }
 
-/** Stops accepting and resolves once the listener is closed (not its sockets). */
+/**
+ * Stops accepting and resolves at once, leaving accepted connections alone:
+ * close()'s own callback waits for every connection to end, which a live
+ * tunnel may never do.
+ */
+export function stopListening(server: Server): Promise<void> {
+  if (server.listening) server.close(() => {});
+  // The listening handle is released in this loop turn's close phase.
+  return new Promise((resolve) => setImmediate(resolve));
+}
+
+/** Stops accepting and resolves once the server and all its connections are closed. */
 export function closeServer(server: Server): Promise<void> {
   return new Promise((resolve) => {
     if (!server.listening) {

@@ -9,6 +9,12 @@ import { performance } from "node:perf_hooks";
 import { setLogLevel } from "../src/log.ts";
 import { openReporterLink } from "../src/reporter-link.ts";
 import type { DecodedStunMessage } from "../src/stun.ts";
+import { resolveConfig } from "../src/config.ts";
+import { startCoordinator } from "../src/coordinator/index.ts";
+import { proxiedRequest } from "./helpers/client.ts";
+import { testPki } from "./helpers/pki.ts";
+import { startLocalFor, TOKEN } from "./helpers/stack.ts";
+import { startHttpTarget } from "./helpers/targets.ts";
 
 // The link against an independent STUN server: coturn serves Binding over TCP
 // (NATLAB-NOTES Q8) and, unlike our reporter, never sends keepalives of its
@@ -198,6 +204,42 @@ test("reporter link against coturn (turnserver --stun-only over TCP)", { timeout
         assert.deepEqual(link.publicAddress, { host: "127.0.0.1", port: link.localPort });
       } finally {
         link.close();
+      }
+    });
+
+    await t.test("the local proxy uses coturn as its reporter and stays up on its own keepalives", async () => {
+      const pki = await testPki();
+      const coordinator = await startCoordinator(resolveConfig({ coordinator: { listen: "127.0.0.1:0", cert: pki.combinedFile, tokens: [TOKEN] } }, "coordinator").coordinator);
+      const local = await startLocalFor(coordinator.addresses[0].port, coturn.port, pki, { nat_keep_alive_interval: INTERVAL, tunnel_idle_timeout: 10 * INTERVAL });
+      const web = await startHttpTarget();
+      try {
+        const before = local.tunnel();
+        assert.ok(before, "the start-up workflow succeeded against coturn");
+        assert.deepEqual(before.publicAddress, { host: "127.0.0.1", port: before.localPort });
+        const first = await proxiedRequest(local.proxyAddress.port, `http://127.0.0.1:${web.port}/via-coturn`);
+        assert.equal(first.status, 200);
+        let downs = 0;
+        local.tunnelService.on("down", () => downs++);
+        // coturn only ever answers: 12 packets means 12 of our own keepalives
+        // were answered, well past tunnel_idle_timeout (10 intervals).
+        await within(
+          new Promise<void>((resolve) => {
+            let n = 0;
+            local.tunnelService.on("packet", () => {
+              if (++n === 12) resolve();
+            });
+          }),
+          BOUND,
+          "12 keepalive answers from coturn",
+        );
+        assert.equal(downs, 0, "the tunnel service never restarted");
+        assert.equal(local.tunnel(), before, "same tunnel state: no restart");
+        const second = await proxiedRequest(local.proxyAddress.port, `http://localhost:${web.port}/still`);
+        assert.equal(second.status, 200);
+      } finally {
+        await local.close();
+        await coordinator.close();
+        await web.close();
       }
     });
   } catch (err) {

@@ -22,6 +22,13 @@ const children = new Set<Child>();
 const LOG_KEEP = 64 * 1024;
 let watchdog: ((line: string) => void) | undefined;
 
+let shuttingDown = false;
+
+/** From now on startChild refuses: the bench is exiting. */
+export function refuseNewChildren(): void {
+  shuttingDown = true;
+}
+
 /** Every child started from now on is reported to `write` ("pid" on start, "-pid" on exit). */
 export function setWatchdog(write: (line: string) => void): void {
   watchdog = write;
@@ -29,6 +36,7 @@ export function setWatchdog(write: (line: string) => void): void {
 
 /** Spawns a tracked child; `stdout: "pipe"` keeps stdout for the caller, otherwise it goes to the log. */
 export function startChild(name: string, cmd: string, args: string[], opts: SpawnOptions & { keepStdout?: boolean } = {}): Child {
+  if (shuttingDown) throw new Error(`not starting ${name}: the bench is exiting`);
   const proc = spawn(cmd, args, { stdio: ["pipe", "pipe", "pipe"], ...opts });
   let log = "";
   const append = (b: Buffer): void => {
@@ -161,15 +169,33 @@ export function resetPeakRss(pids: number[]): boolean {
   return ok;
 }
 
-/** Samples the summed VmRSS every `everyMs` until stopped; returns the maximum seen. */
-export function sampleRss(pids: number[], everyMs = 20): () => number {
-  let max = rssKb(pids);
+/** Proportional set size: shared pages (the same binary in several processes) split among their users. */
+export function pssKb(pids: number[]): number {
+  let sum = 0;
+  for (const pid of pids) {
+    try {
+      const m = /^Pss:\s+(\d+) kB/m.exec(readFileSync(`/proc/${pid}/smaps_rollup`, "utf8"));
+      if (m) sum += Number(m[1]);
+    } catch {}
+  }
+  return sum;
+}
+
+/**
+ * Samples the summed VmRSS every `everyMs` (and the summed PSS every fifth
+ * time: it costs more to read) until stopped; returns the maxima seen.
+ */
+export function sampleRss(pids: number[], everyMs = 20): () => { rssKb: number; pssKb: number } {
+  let rss = rssKb(pids);
+  let pss = pssKb(pids);
+  let n = 0;
   const t = setInterval(() => {
-    max = Math.max(max, rssKb(pids));
+    rss = Math.max(rss, rssKb(pids));
+    if (++n % 5 === 0) pss = Math.max(pss, pssKb(pids));
   }, everyMs);
   return () => {
     clearInterval(t);
-    return Math.max(max, rssKb(pids));
+    return { rssKb: Math.max(rss, rssKb(pids)), pssKb: Math.max(pss, pssKb(pids)) };
   };
 }
 

@@ -1,9 +1,13 @@
 // Ends the bench's children if the bench itself dies without cleaning up
 // (SIGKILL, crash): the bench writes each child's pid as a line on our stdin;
 // when stdin closes, every pid still listed gets SIGKILL. A line "-PID" takes
-// a pid off the list (the bench stopped it itself). Ctrl-C reaches the whole
-// process group: we ignore it and wait for the bench to close the pipe.
+// a pid off the list (the bench stopped it itself); "dir PATH" names the
+// bench's temp dir, removed last ("dir" alone: the bench removed it). Ctrl-C
+// reaches the whole process group: we ignore it and wait for the pipe to close.
+import { rmSync } from "node:fs";
+
 const pids = new Set<number>();
+let dir: string | undefined;
 let buf = "";
 process.on("SIGINT", () => {});
 process.on("SIGTERM", () => {});
@@ -14,6 +18,10 @@ process.stdin.on("data", (chunk: string) => {
   while ((nl = buf.indexOf("\n")) >= 0) {
     const line = buf.slice(0, nl).trim();
     buf = buf.slice(nl + 1);
+    if (line.startsWith("dir")) {
+      dir = line.slice(4) || undefined;
+      continue;
+    }
     const n = Number(line);
     if (!Number.isInteger(n) || n === 0) continue;
     if (n > 0) pids.add(n);
@@ -26,7 +34,11 @@ const finish = (): void => {
       process.kill(pid, "SIGKILL");
     } catch {}
   }
-  process.exit(0);
+  // Give the killed processes a moment to let go of their files.
+  setTimeout(() => {
+    if (dir?.includes("natproxy-bench-")) rmSync(dir, { recursive: true, force: true });
+    process.exit(0);
+  }, pids.size ? 300 : 0);
 };
 process.stdin.on("end", finish);
 process.stdin.on("close", finish);

@@ -6,7 +6,7 @@ import type { ConsolaInstance } from "consola";
 import { formatHostPort, type HostPort } from "../address.ts";
 import type { LocalConfig } from "../config.ts";
 import { NatproxyError } from "../errors.ts";
-import { listen, closeServer } from "../listen.ts";
+import { listen, stopListening } from "../listen.ts";
 import { openReporterLink, type ReporterLink } from "../reporter-link.ts";
 import type { SocketRegistry } from "../sockets.ts";
 import { tlsClientOptions, verifyPeer, type Trust } from "../tls/trust.ts";
@@ -24,6 +24,8 @@ export interface TunnelState {
 interface Events {
   ready: [TunnelState];
   down: [Error];
+  /** Something arrived from the reporter (a keepalive or an answer). */
+  packet: [];
 }
 
 /**
@@ -97,7 +99,7 @@ export class TunnelService extends EventEmitter<Events> {
     this.#link?.close();
     this.#link = undefined;
     this.#state = undefined;
-    if (this.#server) await closeServer(this.#server);
+    if (this.#server) await stopListening(this.#server);
     this.#server = undefined;
   }
 
@@ -127,7 +129,10 @@ export class TunnelService extends EventEmitter<Events> {
       this.#lastError = undefined;
       const state: TunnelState = { localPort: link.localPort, publicAddress: link.publicAddress, since: new Date() };
       this.#state = state;
-      link.on("packet", () => this.#touch());
+      link.on("packet", () => {
+        this.#touch();
+        this.emit("packet");
+      });
       link.on("mapping-changed", (addr: HostPort) => this.#restart(`the NAT now maps us to ${formatHostPort(addr.host, addr.port)}`));
       link.on("close", (reason?: Error) => this.#restart(`reporter link closed${reason ? ` (${reason.message})` : ""}`));
       this.#touch();
@@ -230,7 +235,7 @@ export class TunnelService extends EventEmitter<Events> {
     const server = this.#server;
     this.#server = undefined;
     // Only the listener closes; connections it accepted live on.
-    void (server ? closeServer(server) : Promise.resolve()).then(async () => {
+    void (server ? stopListening(server) : Promise.resolve()).then(async () => {
       this.#restarting = false;
       if (this.#closed) return;
       if (!(await this.#attempt())) this.#scheduleRetry(this.#backoff(this.#failures - 1));
