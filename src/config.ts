@@ -3,6 +3,7 @@ import { parse as parseToml } from "smol-toml";
 import { z } from "zod";
 import { parseHostPort, type HostPort } from "./address.ts";
 import { LOG_LEVELS } from "./log.ts";
+import { parseTargetRules } from "./target-policy.ts";
 
 // Typed config with defaults filled in, then validation that reports every
 // problem at once (file, key, what is expected), so a user fixes the file in
@@ -62,6 +63,8 @@ const coordinatorSchema = z.strictObject({
   tokens: z.array(z.string()).default([]),
   reporter: z.boolean().default(false),
   connect_back: z.enum(["same-ip", "any"]).default("same-ip"),
+  allow_targets: z.array(z.string()).default([]),
+  deny_targets: z.array(z.string()).default([]),
   connect_timeout: ms(10_000),
   handshake_timeout: ms(10_000),
   session_idle_timeout: ms(600_000),
@@ -269,6 +272,8 @@ function checkCoordinator(c: CoordinatorConfig, problems: string[]): void {
   if (c.cert !== "") checkReadable("coordinator.cert", c.cert, problems);
   if (c.key !== "") checkReadable("coordinator.key", c.key, problems);
   if (c.key !== "" && c.cert === "") problems.push("coordinator.key: set coordinator.cert as well");
+  problems.push(...parseTargetRules(c.allow_targets, "coordinator.allow_targets").problems);
+  problems.push(...parseTargetRules(c.deny_targets, "coordinator.deny_targets").problems);
 }
 
 function checkReadable(key: string, path: string, problems: string[]): void {

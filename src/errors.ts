@@ -48,6 +48,8 @@ export function isErrorCode(value: unknown): value is ErrorCode {
 // browser sees 502 for "refused" and 504 for "timed out", not one generic error.
 export function targetError(err: NodeJS.ErrnoException, target: string): NatproxyError {
   switch (err.code) {
+    case "ETARGETFORBIDDEN":
+      return new NatproxyError("FORBIDDEN", err.message, { cause: err });
     case "ENOTFOUND":
     case "EAI_AGAIN":
     case "EAI_NODATA":

@@ -200,6 +200,22 @@ describe("failures the browser must see as real statuses", () => {
     }
   });
 
+  test("by default the coordinator refuses loopback and private targets in every spelling (403)", async () => {
+    const stack = await startStack({ coordinator: { allow_targets: [] } });
+    try {
+      for (const target of [`127.0.0.1:${web.port}`, `localhost:${web.port}`, `0x7f.1:${web.port}`, `2130706433:${web.port}`, `[::ffff:127.0.0.1]:${web.port}`, "169.254.169.254:80", "10.1.2.3:80"]) {
+        const c = await connectThrough(stack.proxyPort, target);
+        assert.equal(c.status, 403, target);
+        assert.equal(c.headers["x-natproxy-error"], "FORBIDDEN", target);
+        assert.match(c.body, /allow_targets/, target);
+      }
+      const p = await proxiedRequest(stack.proxyPort, `http://127.0.0.1:${web.port}/`);
+      assert.equal(p.status, 403);
+    } finally {
+      await stack.close();
+    }
+  });
+
   test("a wrong token is refused, and the browser is told why", async () => {
     const stack = await startStack({ local: { token: "wrong-token-wrong-token" } });
     try {

@@ -7,7 +7,7 @@ import { startReporter } from "../src/reporter.ts";
 import type { TunnelState } from "../src/local/tunnel-service.ts";
 import { connectThrough, proxiedRequest } from "./helpers/client.ts";
 import { testPki } from "./helpers/pki.ts";
-import { startLocalFor, startStack, TOKEN } from "./helpers/stack.ts";
+import { LOOPBACK_TARGETS, startLocalFor, startStack, TOKEN } from "./helpers/stack.ts";
 import { closedPort, startHttpTarget } from "./helpers/targets.ts";
 
 // The start-up workflow's liveness: the tunnel service must come back by
@@ -41,7 +41,7 @@ describe("tunnel service liveness", () => {
   test("reporter down at start: 503 until it is up, then sessions work without a restart", async () => {
     const pki = await testPki();
     const reporterPort = await closedPort();
-    const coordinator = await startCoordinator(resolveConfig({ coordinator: { listen: "127.0.0.1:0", cert: pki.combinedFile, tokens: [TOKEN] } }, "coordinator").coordinator);
+    const coordinator = await startCoordinator(resolveConfig({ coordinator: { listen: "127.0.0.1:0", cert: pki.combinedFile, tokens: [TOKEN], allow_targets: LOOPBACK_TARGETS } }, "coordinator").coordinator);
     const local = await startLocalFor(coordinator.addresses[0].port, reporterPort, pki, { reporter_retries: 1, retry_delay: 20, retry_max_delay: 100 });
     const web = await startHttpTarget();
     let reporter: Awaited<ReturnType<typeof startReporter>> | undefined;
@@ -68,6 +68,7 @@ describe("tunnel service liveness", () => {
     const stack = await startStack({ local: { retry_delay: 20, retry_max_delay: 200 } });
     const web = await startHttpTarget();
     const port = stack.reporter.addresses[0].port;
+    let second: Awaited<ReturnType<typeof startReporter>> | undefined;
     try {
       // A tunnel opened before the restart must outlive it.
       const live = await connectThrough(stack.proxyPort, `127.0.0.1:${web.port}`);
@@ -76,8 +77,7 @@ describe("tunnel service liveness", () => {
       await stack.reporter.close();
       await down;
       const ready = once(stack.local.tunnelService, "ready");
-      const second = await startReporter(reporterConfig(port));
-      stack.reporter = second;
+      second = await startReporter(reporterConfig(port));
       await ready;
       const r = await proxiedRequest(stack.proxyPort, `http://127.0.0.1:${web.port}/after-restart`);
       assert.equal(r.status, 200);
@@ -90,6 +90,8 @@ describe("tunnel service liveness", () => {
       assert.match(text, /"url":"\/old-tunnel"/);
     } finally {
       await stack.close();
+      // The stack closes the reporter it started; the replacement is ours.
+      await second?.close();
       await web.close();
     }
   });
@@ -99,7 +101,7 @@ describe("coordinator certificates", () => {
   test("no --cert: a self-signed certificate is generated, and allow_self_signed or its fingerprint lets the local proxy in", async () => {
     const pki = await testPki();
     const reporter = await startReporter(reporterConfig(0));
-    const coordinator = await startCoordinator(resolveConfig({ coordinator: { listen: "127.0.0.1:0", tokens: [TOKEN] } }, "coordinator").coordinator);
+    const coordinator = await startCoordinator(resolveConfig({ coordinator: { listen: "127.0.0.1:0", tokens: [TOKEN], allow_targets: LOOPBACK_TARGETS } }, "coordinator").coordinator);
     const web = await startHttpTarget();
     const locals = [
       await startLocalFor(coordinator.addresses[0].port, reporter.addresses[0].port, pki, { ca: "", allow_self_signed: true }),

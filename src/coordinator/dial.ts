@@ -2,25 +2,35 @@ import net from "node:net";
 import tls from "node:tls";
 import { NatproxyError, targetError } from "../errors.ts";
 import { formatHostPort, type HostPort } from "../address.ts";
+import type { TargetPolicy } from "../target-policy.ts";
 
 /**
  * Dials the target. The connect timer is cleared on both outcomes; the socket
  * handed back carries no listeners of ours except the error guard that keeps a
  * late error from crashing the process before the bridge takes over.
  */
-export function dialTarget(target: HostPort, timeout: number): Promise<net.Socket> {
+export function dialTarget(target: HostPort, timeout: number, policy: TargetPolicy, signal: AbortSignal): Promise<net.Socket> {
   const name = formatHostPort(target.host, target.port);
+  // Literal addresses in any spelling are judged here (net.connect never calls
+  // lookup for them); names are judged on every address DNS returns, in the
+  // lookup net.connect uses, so a rebinding name gains nothing.
+  const allowed = policy.connectOptions(target.host, target.port);
+  if (!allowed.allowed) return Promise.reject(new NatproxyError("FORBIDDEN", allowed.reason));
   return new Promise((resolve, reject) => {
-    const socket = net.connect({ host: target.host, port: target.port, allowHalfOpen: false, noDelay: true });
+    const socket = net.connect({ host: allowed.host, port: allowed.port, lookup: allowed.lookup, allowHalfOpen: false, noDelay: true });
     const timer = setTimeout(() => fail(Object.assign(new Error("connect timed out"), { code: "ETIMEDOUT" })), timeout);
     const fail = (err: NodeJS.ErrnoException) => {
       clearTimeout(timer);
+      signal.removeEventListener("abort", onAbort);
       socket.destroy();
-      reject(targetError(err, name));
+      reject(err instanceof NatproxyError ? err : targetError(err, name));
     };
+    const onAbort = () => fail(signal.reason as NatproxyError);
+    signal.addEventListener("abort", onAbort, { once: true });
     socket.once("error", fail);
     socket.once("connect", () => {
       clearTimeout(timer);
+      signal.removeEventListener("abort", onAbort);
       socket.off("error", fail);
       socket.on("error", () => {});
       resolve(socket);
@@ -35,7 +45,7 @@ export function dialTarget(target: HostPort, timeout: number): Promise<net.Socke
  * proxy's ClientHello arrives: a service that is not a natproxy never receives
  * a byte from us.
  */
-export function connectBack(reply: HostPort, secureContext: tls.SecureContext, connectTimeout: number, handshakeTimeout: number): Promise<tls.TLSSocket> {
+export function connectBack(reply: HostPort, secureContext: tls.SecureContext, connectTimeout: number, handshakeTimeout: number, signal: AbortSignal): Promise<tls.TLSSocket> {
   const name = formatHostPort(reply.host, reply.port);
   return new Promise((resolve, reject) => {
     const raw = net.connect({ host: reply.host, port: reply.port, noDelay: true });
@@ -43,10 +53,13 @@ export function connectBack(reply: HostPort, secureContext: tls.SecureContext, c
     let timer = setTimeout(() => fail(new NatproxyError("CONNECT_BACK_TIMEOUT", `${name}: TCP connect timed out`)), connectTimeout);
     const fail = (err: NatproxyError) => {
       clearTimeout(timer);
+      signal.removeEventListener("abort", onAbort);
       raw.destroy();
       secure?.destroy();
       reject(err);
     };
+    const onAbort = () => fail(signal.reason as NatproxyError);
+    signal.addEventListener("abort", onAbort, { once: true });
     const onRawError = (err: NodeJS.ErrnoException) => fail(new NatproxyError("CONNECT_BACK_FAILED", `${name}: ${err.code ?? err.message}`, { cause: err }));
     raw.on("error", onRawError);
     raw.once("connect", () => {
@@ -59,6 +72,7 @@ export function connectBack(reply: HostPort, secureContext: tls.SecureContext, c
       s.on("error", onTlsError);
       s.once("secure", () => {
         clearTimeout(timer);
+        signal.removeEventListener("abort", onAbort);
         s.off("error", onTlsError);
         raw.off("error", onRawError);
         // The bridge installs its own handlers; until then a late error must not crash us.

@@ -5,6 +5,7 @@ import type { CoordinatorConfig } from "../config.ts";
 import { roleLogger } from "../log.ts";
 import { listen, closeServer } from "../listen.ts";
 import { SocketRegistry } from "../sockets.ts";
+import { createTargetPolicy } from "../target-policy.ts";
 import { generateCertificate, loadKeyPair, type KeyPair } from "../tls/certs.ts";
 import { apiHandler } from "./api.ts";
 import { makeTokenCheck } from "./auth.ts";
@@ -32,6 +33,7 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
     handshakeTimeout: config.handshake_timeout,
     idleTimeout: config.session_idle_timeout,
     finTimeout: config.fin_timeout,
+    policy: createTargetPolicy({ allow: config.allow_targets, deny: config.deny_targets }),
     sockets,
     log,
   };

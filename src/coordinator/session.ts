@@ -5,6 +5,7 @@ import { formatHostPort, type HostPort } from "../address.ts";
 import { NatproxyError } from "../errors.ts";
 import { formatSession } from "../request-log.ts";
 import type { SocketRegistry } from "../sockets.ts";
+import type { TargetPolicy } from "../target-policy.ts";
 import { encodeSession } from "../wire.ts";
 import { connectBack, dialTarget } from "./dial.ts";
 
@@ -21,6 +22,7 @@ export interface SessionContext {
   handshakeTimeout: number;
   idleTimeout: number;
   finTimeout: number;
+  policy: TargetPolicy;
   sockets: SocketRegistry;
   log: ConsolaInstance;
 }
@@ -34,15 +36,26 @@ export interface SessionContext {
 export async function openSession(req: SessionRequest, ctx: SessionContext): Promise<{ targetAddress: string }> {
   const started = performance.now();
   const target = formatHostPort(req.target.host, req.target.port);
+  // Whichever leg fails first cancels the other, so an error is reported as
+  // soon as it is known rather than after the other leg's timeout.
+  const cancel = new AbortController();
+  let first: NatproxyError | undefined;
+  const leg = <T>(p: Promise<T>) =>
+    p.catch((err: NatproxyError) => {
+      if (!first) {
+        first = err;
+        cancel.abort(err);
+      }
+      throw err;
+    });
   const [t, b] = await Promise.allSettled([
-    dialTarget(req.target, ctx.connectTimeout),
-    connectBack(req.reply, ctx.secureContext, ctx.connectTimeout, ctx.handshakeTimeout),
+    leg(dialTarget(req.target, ctx.connectTimeout, ctx.policy, cancel.signal)),
+    leg(connectBack(req.reply, ctx.secureContext, ctx.connectTimeout, ctx.handshakeTimeout, cancel.signal)),
   ]);
   if (t.status === "rejected" || b.status === "rejected") {
     if (t.status === "fulfilled") t.value.destroy();
     if (b.status === "fulfilled") b.value.destroy();
-    // The target's failure is the more useful one to report when both failed.
-    const err = (t.status === "rejected" ? t.reason : (b as PromiseRejectedResult).reason) as NatproxyError;
+    const err = first as NatproxyError;
     ctx.log.info(formatSession({ session: req.session, client: req.client, target, outcome: err.code ?? "ERROR", up: 0, down: 0, ms: Math.round(performance.now() - started), detail: err.message }));
     throw err;
   }

@@ -6,6 +6,8 @@ import { startReporter } from "../../src/reporter.ts";
 import { testPki, type TestPki } from "./pki.ts";
 
 export const TOKEN = "test-token-0123456789abcdef";
+/** The tests' targets live on loopback, which the coordinator refuses by default. */
+export const LOOPBACK_TARGETS = ["127.0.0.1", "::1"];
 
 // Tests read results, not logs; NATPROXY_TEST_LOG=debug shows them.
 setLogLevel((process.env.NATPROXY_TEST_LOG as "debug") ?? "silent");
@@ -33,7 +35,7 @@ export async function startStack(opts: StackOptions = {}): Promise<Stack> {
     const rcfg = resolveConfig({ reporter: { listen: "127.0.0.1:0", nat_keep_alive_interval: 2000, ...opts.reporter } }, "reporter");
     const reporter = await startReporter(rcfg.reporter);
     started.push(reporter);
-    const ccfg = resolveConfig({ coordinator: { listen: "127.0.0.1:0", cert: pki.combinedFile, tokens: [TOKEN], ...opts.coordinator } }, "coordinator");
+    const ccfg = resolveConfig({ coordinator: { listen: "127.0.0.1:0", cert: pki.combinedFile, tokens: [TOKEN], allow_targets: LOOPBACK_TARGETS, ...opts.coordinator } }, "coordinator");
     const coordinator = await startCoordinator(ccfg.coordinator);
     started.push(coordinator);
     const local = await startLocalFor(coordinator.addresses[0].port, reporter.addresses[0].port, pki, opts.local);
