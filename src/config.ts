@@ -45,6 +45,8 @@ const localSchema = z.strictObject({
   nat_keep_alive_interval: ms(15_000),
   tunnel_idle_timeout: ms(60_000),
   connect_timeout: ms(10_000),
+  tunnel: z.enum(["auto", "connect-back", "outbound"]).default("auto"),
+  probe_timeout: ms(3_000),
   reporter_timeout: ms(5_000),
   reporter_retries: count(5, 1000),
   retry_delay: ms(500),

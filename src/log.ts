@@ -28,8 +28,8 @@ export function roleLogger(tag: string): ConsolaInstance {
   let child = children.get(tag);
   if (!child) {
     child = log.withTag(tag);
+    child.level = log.level;
     children.set(tag, child);
   }
-  child.level = log.level;
   return child;
 }

@@ -15,6 +15,10 @@ export const SESSION_MESSAGE_SIZE = HEADER_SIZE + 16;
 export const MessageType = {
   /** Connect-back: payload is the 16-byte session id; target bytes follow. */
   Session: 1,
+  /** Outbound tunnel, local -> coordinator: session id, target port, target host. */
+  Open: 2,
+  /** Outbound tunnel, coordinator -> local: the outcome of Open, as JSON. */
+  Result: 3,
 } as const;
 export type MessageType = (typeof MessageType)[keyof typeof MessageType];
 
@@ -41,6 +45,57 @@ export function encodeSession(sessionId: string): Buffer {
   return encodeMessage(MessageType.Session, Buffer.from(uuidParse(sessionId)));
 }
 
+export interface OpenRequest {
+  session: string;
+  target: { host: string; port: number };
+}
+
+//   session id (16) | target port (2, big-endian) | target host (UTF-8, the rest)
+export function encodeOpen(req: OpenRequest): Buffer {
+  const host = Buffer.from(req.target.host, "utf8");
+  if (host.length === 0 || host.length > 255) throw new WireError(`target host of ${host.length} bytes (1-255 allowed)`);
+  const payload = Buffer.alloc(18 + host.length);
+  Buffer.from(uuidParse(req.session)).copy(payload, 0);
+  payload.writeUInt16BE(req.target.port, 16);
+  host.copy(payload, 18);
+  return encodeMessage(MessageType.Open, payload);
+}
+
+export function openOf(msg: WireMessage): OpenRequest {
+  if (msg.type !== MessageType.Open || msg.payload.length < 19 || msg.payload.length > 18 + 255) throw new WireError("not an open message");
+  const session = uuidStringify(msg.payload.subarray(0, 16));
+  const port = msg.payload.readUInt16BE(16);
+  const host = msg.payload.subarray(18).toString("utf8");
+  return { session, target: { host, port } };
+}
+
+/** "OK" with the address the coordinator reached, or an error code and its message. */
+export interface OpenResult {
+  code: string;
+  message?: string;
+  target_address?: string;
+}
+
+export function encodeResult(result: OpenResult): Buffer {
+  let payload = Buffer.from(JSON.stringify(result), "utf8");
+  // A long error message is cut rather than failing the answer itself.
+  if (payload.length > MAX_PAYLOAD) payload = Buffer.from(JSON.stringify({ ...result, message: result.message?.slice(0, 600) }), "utf8");
+  return encodeMessage(MessageType.Result, payload);
+}
+
+export function resultOf(msg: WireMessage): OpenResult {
+  if (msg.type !== MessageType.Result) throw new WireError("not a result message");
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(msg.payload.toString("utf8"));
+  } catch {
+    throw new WireError("result message is not JSON");
+  }
+  const r = parsed as Partial<OpenResult> | null;
+  if (!r || typeof r.code !== "string") throw new WireError("result message has no code");
+  return { code: r.code, message: typeof r.message === "string" ? r.message : undefined, target_address: typeof r.target_address === "string" ? r.target_address : undefined };
+}
+
 export function isSessionId(text: unknown): text is string {
   return typeof text === "string" && uuidValidate(text) && uuidVersion(text) === 4;
 }
@@ -56,7 +111,7 @@ export function sessionIdOf(msg: WireMessage): string {
  */
 export function decodeMessage(buf: Buffer): { message: WireMessage; rest: Buffer } | undefined {
   const check = Math.min(buf.length, MAGIC.length);
-  if (!buf.subarray(0, check).equals(MAGIC.subarray(0, check))) throw new WireError("the peer is not a natproxy coordinator (bad magic)");
+  if (!buf.subarray(0, check).equals(MAGIC.subarray(0, check))) throw new WireError("the peer does not speak natproxy (bad magic)");
   if (buf.length < HEADER_SIZE) return undefined;
   if (buf[4] !== WIRE_VERSION) throw new WireError(`unsupported wire version ${buf[4]} (this build speaks ${WIRE_VERSION})`);
   const type = buf[5];

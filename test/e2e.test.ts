@@ -6,33 +6,64 @@ import type { AddressInfo } from "node:net";
 import { after, before, describe, test } from "node:test";
 import { connectThrough, httpsThrough, proxiedRequest } from "./helpers/client.ts";
 import { startLocalFor, startStack, type Stack } from "./helpers/stack.ts";
+import { captureLogs } from "./helpers/logs.ts";
 import { waitUntil } from "./helpers/wait.ts";
 import { closedPort, expectedSha256, startHttpsTarget, startHttpTarget, type Target } from "./helpers/targets.ts";
 
-describe("end to end on loopback: reporter, coordinator and local proxy", () => {
+// Every scenario runs on both tunnel paths: the specification's connect-back
+// (which loopback lets in, so `auto` would pick it too) and the outbound path.
+const PATHS = ["connect-back", "outbound"] as const;
+
+for (const path of PATHS)
+describe(`end to end on loopback (${path} path): reporter, coordinator and local proxy`, () => {
   let stack: Stack;
   let web: Target;
   let web6: Target | undefined;
   let secure: Target;
+  let logs: ReturnType<typeof captureLogs>;
 
   before(async () => {
-    stack = await startStack({ local: { pool_idle_timeout: 300, fin_timeout: 500 }, coordinator: { fin_timeout: 500 } });
+    logs = captureLogs("local");
+    stack = await startStack({ local: { pool_idle_timeout: 300, fin_timeout: 500, tunnel: path }, coordinator: { fin_timeout: 500 } });
     web = await startHttpTarget();
     secure = await startHttpsTarget(stack.pki);
   });
   after(async () => {
+    logs?.restore();
     await stack?.close();
     await web?.close();
     await web6?.close();
     await secure?.close();
   });
 
-  test("the start-up workflow learned P' from the reporter and listens on P", () => {
+  test(path === "connect-back" ? "the start-up workflow learned P' from the reporter, listens on P, and the probe got through" : "tunnel = outbound needs no reporter: no tunnel service runs", () => {
+    assert.equal(stack.local.path(), path);
+    if (path === "outbound") {
+      assert.equal(stack.local.tunnel(), undefined);
+      return;
+    }
     const t = stack.local.tunnel();
     assert.ok(t, "tunnel service is up");
     assert.equal(t.publicAddress.host, "127.0.0.1");
     // On loopback there is no NAT: P' is P.
     assert.equal(t.publicAddress.port, t.localPort);
+    const r = stack.local.reachability();
+    assert.ok(r?.probe.ok, `probe: ${r?.probe.error?.message}`);
+    assert.equal(r.nat, false);
+    assert.match(r.behaviour, /^no NAT/);
+  });
+
+  test(`every session line of the request log names the ${path} path`, async () => {
+    const before = logs.sessions().length;
+    const r = await proxiedRequest(stack.proxyPort, `http://127.0.0.1:${web.port}/logged`, { headers: { Connection: "close" } });
+    assert.equal(r.status, 200);
+    const c = await connectThrough(stack.proxyPort, `127.0.0.1:${web.port}`);
+    c.socket.end(`GET /logged-too HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`);
+    await waitUntil(() => logs.sessions().length >= before + 2, 5000, "two session lines");
+    for (const line of logs.sessions().slice(before)) {
+      assert.match(line, new RegExp(`path=${path} outcome=ok up=\\d+ down=\\d+ ms=\\d+`), line);
+      assert.match(line, /^session=[0-9a-f-]{36} client=127\.0\.0\.1:\d+ target=127\.0\.0\.1:\d+/, line);
+    }
   });
 
   test("plain HTTP GET arrives with its path and Host, and the response comes back", async () => {
@@ -155,7 +186,8 @@ describe("end to end on loopback: reporter, coordinator and local proxy", () => 
   });
 });
 
-describe("failures the browser must see as real statuses", () => {
+for (const path of PATHS)
+describe(`failures the browser must see as real statuses (${path} path)`, () => {
   let web: Target;
   before(async () => {
     web = await startHttpTarget();
@@ -180,10 +212,10 @@ describe("failures the browser must see as real statuses", () => {
     };
   }
 
-  test("a coordinator that never connects back gives 504 after connect_timeout", async () => {
-    const stack = await startStack();
+  test("a coordinator that never connects back gives 504 after connect_timeout", { skip: path === "outbound" ? "connect-back only" : false }, async () => {
+    const stack = await startStack({ local: { tunnel: path } });
     const silent = await silentCoordinator(stack.pki);
-    const local = await startLocalFor(silent.port, stack.reporter.addresses[0].port, stack.pki, { connect_timeout: 400 });
+    const local = await startLocalFor(silent.port, stack.reporter.addresses[0].port, stack.pki, { connect_timeout: 400, tunnel: "connect-back" });
     try {
       const t0 = performance.now();
       const c = await connectThrough(local.proxyAddress.port, `127.0.0.1:${web.port}`);
@@ -201,7 +233,7 @@ describe("failures the browser must see as real statuses", () => {
   });
 
   test("by default the coordinator refuses loopback and private targets in every spelling (403)", async () => {
-    const stack = await startStack({ coordinator: { allow_targets: [] } });
+    const stack = await startStack({ coordinator: { allow_targets: [] }, local: { tunnel: path } });
     try {
       for (const target of [`127.0.0.1:${web.port}`, `localhost:${web.port}`, `0x7f.1:${web.port}`, `2130706433:${web.port}`, `[::ffff:127.0.0.1]:${web.port}`, "169.254.169.254:80", "10.1.2.3:80"]) {
         const c = await connectThrough(stack.proxyPort, target);
@@ -217,7 +249,7 @@ describe("failures the browser must see as real statuses", () => {
   });
 
   test("a wrong token is refused, and the browser is told why", async () => {
-    const stack = await startStack({ local: { token: "wrong-token-wrong-token" } });
+    const stack = await startStack({ local: { token: "wrong-token-wrong-token", tunnel: path } });
     try {
       const c = await connectThrough(stack.proxyPort, `127.0.0.1:${web.port}`);
       assert.equal(c.status, 502);
@@ -229,10 +261,10 @@ describe("failures the browser must see as real statuses", () => {
   });
 
   test("an untrusted coordinator certificate is refused before any request is sent", async () => {
-    const stack = await startStack();
+    const stack = await startStack({ local: { tunnel: path } });
     const silent = await silentCoordinator(stack.pki);
     // No `ca`: the test CA that signed the coordinator's certificate is not trusted.
-    const local = await startLocalFor(silent.port, stack.reporter.addresses[0].port, stack.pki, { ca: "" });
+    const local = await startLocalFor(silent.port, stack.reporter.addresses[0].port, stack.pki, { ca: "", tunnel: path });
     try {
       const c = await connectThrough(local.proxyAddress.port, `127.0.0.1:${web.port}`);
       assert.equal(c.status, 502);
@@ -248,9 +280,9 @@ describe("failures the browser must see as real statuses", () => {
   });
 
   test("a pinned fingerprint: a mismatch is refused, the right one works without any CA", async () => {
-    const stack = await startStack();
-    const wrong = await startLocalFor(stack.coordinator.addresses[0].port, stack.reporter.addresses[0].port, stack.pki, { ca: "", fingerprint: `sha256:${"00".repeat(32)}` });
-    const pinned = await startLocalFor(stack.coordinator.addresses[0].port, stack.reporter.addresses[0].port, stack.pki, { ca: "", fingerprint: stack.coordinator.fingerprint });
+    const stack = await startStack({ local: { tunnel: path } });
+    const wrong = await startLocalFor(stack.coordinator.addresses[0].port, stack.reporter.addresses[0].port, stack.pki, { ca: "", fingerprint: `sha256:${"00".repeat(32)}`, tunnel: path });
+    const pinned = await startLocalFor(stack.coordinator.addresses[0].port, stack.reporter.addresses[0].port, stack.pki, { ca: "", fingerprint: stack.coordinator.fingerprint, tunnel: path });
     try {
       const c = await connectThrough(wrong.proxyAddress.port, `127.0.0.1:${web.port}`);
       assert.equal(c.status, 502);

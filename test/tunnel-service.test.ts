@@ -38,11 +38,11 @@ describe("tunnel service liveness", () => {
     }
   });
 
-  test("reporter down at start: 503 until it is up, then sessions work without a restart", async () => {
+  test("tunnel = connect-back, reporter down at start: 503 until it is up, then sessions work without a restart", async () => {
     const pki = await testPki();
     const reporterPort = await closedPort();
     const coordinator = await startCoordinator(resolveConfig({ coordinator: { listen: "127.0.0.1:0", cert: pki.combinedFile, tokens: [TOKEN], allow_targets: LOOPBACK_TARGETS } }, "coordinator").coordinator);
-    const local = await startLocalFor(coordinator.addresses[0].port, reporterPort, pki, { reporter_retries: 1, retry_delay: 20, retry_max_delay: 100 });
+    const local = await startLocalFor(coordinator.addresses[0].port, reporterPort, pki, { reporter_retries: 1, retry_delay: 20, retry_max_delay: 100, tunnel: "connect-back" });
     const web = await startHttpTarget();
     let reporter: Awaited<ReturnType<typeof startReporter>> | undefined;
     try {
@@ -56,6 +56,7 @@ describe("tunnel service liveness", () => {
       await ready;
       const ok = await proxiedRequest(local.proxyAddress.port, `http://127.0.0.1:${web.port}/late-reporter`);
       assert.equal(ok.status, 200);
+      assert.equal(local.path(), "connect-back");
     } finally {
       await local.close();
       await coordinator.close();

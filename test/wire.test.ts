@@ -24,7 +24,7 @@ test("partial input waits; bytes after the message are handed back", () => {
 });
 
 test("refusals: wrong magic (at the first wrong byte), version, type, oversize", () => {
-  assert.throws(() => decodeMessage(Buffer.from("GET / HTTP/1.1\r\n")), /not a natproxy coordinator/);
+  assert.throws(() => decodeMessage(Buffer.from("GET / HTTP/1.1\r\n")), /does not speak natproxy/);
   assert.throws(() => decodeMessage(Buffer.from("NX")), WireError);
   const v2 = encodeSession(uuidv4());
   v2[4] = 2;

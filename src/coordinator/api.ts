@@ -5,11 +5,14 @@ import { formatHostPort, unmapIPv4, type HostPort } from "../address.ts";
 import { NatproxyError } from "../errors.ts";
 import { VERSION } from "../version.ts";
 import { isSessionId } from "../wire.ts";
-import type { SessionRequest } from "./session.ts";
+import type { ProbeRequest, SessionRequest } from "./session.ts";
 
 export const API = {
   hello: "/v1/hello",
   sessions: "/v1/sessions",
+  probe: "/v1/probe",
+  /** Only as an HTTP Upgrade (outbound.ts). */
+  tunnel: "/v1/tunnel",
 } as const;
 
 const MAX_BODY = 16 * 1024;
@@ -18,6 +21,7 @@ export interface ApiContext {
   checkToken(authorization: string | undefined): number | undefined;
   connectBackPolicy: "same-ip" | "any";
   openSession(req: SessionRequest): Promise<{ targetAddress: string }>;
+  probe(req: ProbeRequest): Promise<{ ms: number }>;
   log: ConsolaInstance;
 }
 
@@ -34,7 +38,7 @@ export function apiHandler(ctx: ApiContext) {
 
 async function handle(ctx: ApiContext, req: IncomingMessage, res: ServerResponse): Promise<void> {
   const path = (req.url ?? "").split("?")[0];
-  const route = path === API.hello || path === API.sessions ? path : undefined;
+  const route = path === API.hello || path === API.sessions || path === API.probe || path === API.tunnel ? path : undefined;
   if (!route) throw new NatproxyError("NOT_FOUND", `${req.method} ${path}`);
   // Authentication comes before anything else is looked at: an unauthenticated
   // peer learns nothing but 401.
@@ -49,15 +53,21 @@ async function handle(ctx: ApiContext, req: IncomingMessage, res: ServerResponse
     sendJson(res, 200, { software: "natproxy", version: VERSION, client, connect_back: ctx.connectBackPolicy });
     return;
   }
+  if (route === API.tunnel) {
+    req.resume();
+    throw new NatproxyError("BAD_REQUEST", "the tunnel path takes an HTTP Upgrade to natproxy-tunnel/1");
+  }
   if (req.method !== "POST") throw methodNotAllowed(res, "POST");
   const body = await readJson(req);
-  const sessionReq = validateSession(body, peerOf(req));
-  if (ctx.connectBackPolicy === "same-ip" && sessionReq.reply.host !== sessionReq.client.host) {
-    throw new NatproxyError(
-      "FORBIDDEN",
-      `connect-back to ${sessionReq.reply.host} refused: this request came from ${sessionReq.client.host}, and connect_back = "same-ip"`,
-    );
+  if (route === API.probe) {
+    const probe = validateProbe(body, peerOf(req));
+    checkConnectBack(ctx, probe.reply.host, probe.client.host);
+    const { ms } = await ctx.probe({ probe: probe.probe, reply: probe.reply, client: formatHostPort(probe.client.host, probe.client.port) });
+    sendJson(res, 200, { probe: probe.probe, outcome: "connected", ms });
+    return;
   }
+  const sessionReq = validateSession(body, peerOf(req));
+  checkConnectBack(ctx, sessionReq.reply.host, sessionReq.client.host);
   const { targetAddress } = await ctx.openSession({
     session: sessionReq.session,
     target: sessionReq.target,
@@ -65,6 +75,12 @@ async function handle(ctx: ApiContext, req: IncomingMessage, res: ServerResponse
     client: formatHostPort(sessionReq.client.host, sessionReq.client.port),
   });
   sendJson(res, 200, { session: sessionReq.session, outcome: "bridged", target_address: targetAddress });
+}
+
+function checkConnectBack(ctx: ApiContext, reply: string, client: string): void {
+  if (ctx.connectBackPolicy === "same-ip" && reply !== client) {
+    throw new NatproxyError("FORBIDDEN", `connect-back to ${reply} refused: this request came from ${client}, and connect_back = "same-ip"`);
+  }
 }
 
 function methodNotAllowed(res: ServerResponse, allow: string): NatproxyError {
@@ -104,6 +120,10 @@ function readJson(req: IncomingMessage): Promise<unknown> {
   });
 }
 
+export function isTargetHost(host: string): boolean {
+  return isIP(host) !== 0 || HOSTNAME.test(host);
+}
+
 const HOSTNAME = /^(?=.{1,253}$)(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9])?)(?:\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9])?)*\.?$/i;
 
 function validateSession(body: unknown, client: HostPort): { session: string; target: HostPort; reply: HostPort; client: HostPort } {
@@ -114,6 +134,15 @@ function validateSession(body: unknown, client: HostPort): { session: string; ta
   const reply = hostPort(b.reply, "reply", problems, true);
   if (problems.length) throw new NatproxyError("BAD_REQUEST", problems.join("; "));
   return { session: b.session as string, target, reply: { host: unmapIPv4(reply.host), port: reply.port }, client };
+}
+
+function validateProbe(body: unknown, client: HostPort): { probe: string; reply: HostPort; client: HostPort } {
+  const problems: string[] = [];
+  const b = (typeof body === "object" && body !== null ? body : {}) as Record<string, unknown>;
+  if (!isSessionId(b.probe)) problems.push("probe: expected a UUID v4");
+  const reply = hostPort(b.reply, "reply", problems, true);
+  if (problems.length) throw new NatproxyError("BAD_REQUEST", problems.join("; "));
+  return { probe: b.probe as string, reply: { host: unmapIPv4(reply.host), port: reply.port }, client };
 }
 
 function hostPort(v: unknown, name: string, problems: string[], ipOnly: boolean): HostPort {

@@ -9,7 +9,8 @@ import { createTargetPolicy } from "../target-policy.ts";
 import { generateCertificate, loadKeyPair, type KeyPair } from "../tls/certs.ts";
 import { apiHandler } from "./api.ts";
 import { makeTokenCheck } from "./auth.ts";
-import { openSession } from "./session.ts";
+import { upgradeHandler } from "./outbound.ts";
+import { openSession, probeConnectBack } from "./session.ts";
 
 export interface Coordinator {
   addresses: AddressInfo[];
@@ -44,12 +45,27 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
     keepAliveTimeout: config.keep_alive_timeout,
     handshakeTimeout: config.handshake_timeout,
   });
+  const checkToken = makeTokenCheck(config.tokens);
   server.on(
     "request",
     apiHandler({
-      checkToken: makeTokenCheck(config.tokens),
+      checkToken,
       connectBackPolicy: config.connect_back,
       openSession: (req) => openSession(req, sessionCtx),
+      probe: (req) => probeConnectBack(req, sessionCtx),
+      log,
+    }),
+  );
+  server.on(
+    "upgrade",
+    upgradeHandler({
+      checkToken,
+      policy: sessionCtx.policy,
+      connectTimeout: config.connect_timeout,
+      openTimeout: config.keep_alive_timeout,
+      idleTimeout: config.session_idle_timeout,
+      finTimeout: config.fin_timeout,
+      sockets,
       log,
     }),
   );

@@ -80,3 +80,36 @@ export async function openSession(req: SessionRequest, ctx: SessionContext): Pro
   });
   return { targetAddress };
 }
+
+export interface ProbeRequest {
+  probe: string;
+  reply: HostPort;
+  client: string;
+}
+
+/**
+ * The local proxy's start-up reachability check: one connect-back carrying
+ * the probe id and nothing else. Resolves once the id went out over TLS; the
+ * local proxy then knows whether a connect-back gets through its NAT.
+ */
+export async function probeConnectBack(req: ProbeRequest, ctx: SessionContext): Promise<{ ms: number }> {
+  const started = performance.now();
+  const reply = formatHostPort(req.reply.host, req.reply.port);
+  let back: tls.TLSSocket;
+  try {
+    back = await connectBack(req.reply, ctx.secureContext, ctx.connectTimeout, ctx.handshakeTimeout, new AbortController().signal);
+  } catch (err) {
+    const e = err as NatproxyError;
+    ctx.log.info(`probe ${req.probe} from ${req.client}: connect-back to ${reply} failed: ${e.message}`);
+    throw e;
+  }
+  ctx.sockets.add(back);
+  back.end(encodeSession(req.probe));
+  // The local proxy closes its side once it has read the id; a peer that never
+  // does is not waited for beyond the fin timeout.
+  back.setTimeout(ctx.finTimeout, () => back.destroy());
+  back.on("close", () => back.setTimeout(0));
+  const ms = Math.round(performance.now() - started);
+  ctx.log.info(`probe ${req.probe} from ${req.client}: connect-back to ${reply} works (${ms} ms)`);
+  return { ms };
+}

@@ -48,6 +48,8 @@ export interface HelloInfo {
 export interface CoordinatorClient {
   hello(timeout: number): Promise<HelloInfo>;
   openSession(body: { session: string; target: HostPort; reply: HostPort }, signal: AbortSignal): Promise<void>;
+  /** Asks for one connect-back carrying `probe` (the start-up reachability check). */
+  probe(body: { probe: string; reply: HostPort }, signal: AbortSignal): Promise<void>;
   close(): void;
 }
 
@@ -81,6 +83,9 @@ export function makeCoordinatorClient(opts: { url: URL; token: string; trust: Tr
     openSession: async (body, signal) => {
       await call("post", "/v1/sessions", body, signal);
     },
+    probe: async (body, signal) => {
+      await call("post", "/v1/probe", body, signal);
+    },
     close: () => agent.destroy(),
   };
 }
@@ -97,7 +102,7 @@ function transportError(err: unknown, signal: AbortSignal): NatproxyError {
   return new NatproxyError("COORDINATOR_UNREACHABLE", e.code ?? e.message ?? String(err), { cause: err });
 }
 
-function responseError(status: number, data: unknown): NatproxyError {
+export function responseError(status: number, data: unknown): NatproxyError {
   const body = (data ?? {}) as { error?: { code?: unknown; message?: unknown } };
   const code = body.error?.code;
   const message = typeof body.error?.message === "string" ? body.error.message : `HTTP ${status}`;

@@ -1,7 +1,9 @@
 import http from "node:http";
 import type { AddressInfo } from "node:net";
 import type { LocalConfig } from "../config.ts";
-import { formatHostPort } from "../address.ts";
+import { lookup } from "node:dns/promises";
+import { isIP } from "node:net";
+import { formatHostPort, unmapIPv4 } from "../address.ts";
 import { NatproxyError } from "../errors.ts";
 import { closeServer, listen } from "../listen.ts";
 import { roleLogger } from "../log.ts";
@@ -13,6 +15,8 @@ import { makeConnectHandler } from "./handle-connect.ts";
 import { makeRequestHandler } from "./handle-request.ts";
 import { makeUpgradeHandler } from "./handle-upgrade.ts";
 import { makeProxyAuth } from "./proxy-auth.ts";
+import { OutboundDialer } from "./outbound.ts";
+import { PathChooser, describeReachability, probeConnectBack, type Reachability, type TunnelPath } from "./path.ts";
 import { SessionTable } from "./sessions.ts";
 import { TunnelService, type TunnelState } from "./tunnel-service.ts";
 import { TunnelAgent } from "./tunnels.ts";
@@ -22,6 +26,10 @@ export interface Local {
   proxyAddress: AddressInfo;
   /** P and P' once the start-up workflow succeeded; undefined while it retries. */
   tunnel(): TunnelState | undefined;
+  /** The path the next browser connection takes. */
+  path(): TunnelPath;
+  /** What the last probe found; undefined before the tunnel service first came up. */
+  reachability(): Reachability | undefined;
   /** Sessions waiting for their connect-back (for tests and leak checks). */
   pendingSessions(): number;
   liveSockets(): number;
@@ -32,6 +40,7 @@ export interface Local {
 export async function startLocal(config: LocalConfig): Promise<Local> {
   const log = roleLogger("local");
   const hostname = config.coordinatorUrl.hostname.replace(/^\[|\]$/g, "");
+  const coordinatorHost = await resolveHost(hostname);
   const trust = makeTrust({ hostname, allow_self_signed: config.allow_self_signed, fingerprint: config.fingerprint, ca: config.ca });
   if (config.allow_self_signed && !trust.pin) {
     log.warn("allow_self_signed = true without a fingerprint: any certificate is accepted, so anyone on the path can impersonate the coordinator. Pin it with [local] fingerprint.");
@@ -42,13 +51,30 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
   const sockets = new SocketRegistry();
   const tunnelService = new TunnelService({ config, trust, sessions, sockets, log });
 
+  const outbound = new OutboundDialer({ url: config.coordinatorUrl, token: config.token, trust, timeout: config.connect_timeout });
+  const paths = new PathChooser(config.tunnel, log);
+
   const checking = coordinator.hello(config.connect_timeout).then(
     (info) => log.info(`coordinator answered: natproxy ${info.version}, sees us as ${formatHostPort(info.client.host, info.client.port)}, connect-back policy "${info.connect_back}"`),
     (err: NatproxyError) => log.error(`coordinator check failed: ${err.message}`),
   );
-  await Promise.all([tunnelService.start(), checking]);
+  // Every time the tunnel service comes up (at start, and after the NAT
+  // mapping moved or the reporter came back) the connect-back is probed
+  // again, so the path follows what the network allows now.
+  let probing: Promise<void> | undefined;
+  tunnelService.on("ready", (state) => {
+    probing = probeConnectBack(coordinator, sessions, state, config.probe_timeout).then((probe) => {
+      if (tunnelService.state === state) paths.probed(describeReachability(state, probe, coordinatorHost), config.coordinatorUrl.origin);
+    });
+  });
+  tunnelService.on("down", (err) => paths.tunnelDown(err.message));
+  const starting = config.tunnel === "outbound" ? Promise.resolve(false) : tunnelService.start();
+  await Promise.all([starting, checking]);
+  await probing;
+  if (config.tunnel === "outbound") log.info(`tunnel path: outbound, each browser connection dials ${config.coordinatorUrl.origin} over TLS, because [local] tunnel = "outbound"`);
+  else if (!tunnelService.state && config.tunnel === "auto") log.info(`tunnel path: outbound until the reporter answers (no public address yet)`);
 
-  const tunnels = { sessions, coordinator, tunnelState: () => tunnelService.state, connectTimeout: config.connect_timeout, sockets };
+  const tunnels = { sessions, coordinator, outbound, paths, tunnelState: () => tunnelService.state, connectTimeout: config.connect_timeout, sockets };
   const agent = new TunnelAgent(tunnels, log, config.pool_idle_timeout);
   const ctx: HandlerContext = { authorize: makeProxyAuth(config.users), tunnels, agent, sockets, log, bridgeTimeouts: { idle: config.session_idle_timeout, fin: config.fin_timeout } };
   const server = http.createServer({
@@ -77,6 +103,8 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
   return {
     proxyAddress,
     tunnel: () => tunnelService.state,
+    path: () => paths.current(),
+    reachability: () => paths.reachability,
     pendingSessions: () => sessions.size,
     liveSockets: () => sockets.size,
     tunnelService,
@@ -93,4 +121,15 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
       return closing;
     },
   };
+}
+
+// The coordinator's address as the reporter comparison needs it; a name that
+// does not resolve yet is kept as it is (the API call will say why).
+async function resolveHost(host: string): Promise<string> {
+  if (isIP(host)) return unmapIPv4(host);
+  try {
+    return (await lookup(host)).address;
+  } catch {
+    return host;
+  }
 }

@@ -17,20 +17,20 @@ export function spliceThroughTunnel(ctx: HandlerContext, socket: Duplex, target:
   const gone = new AbortController();
   const onGone = () => gone.abort();
   socket.once("close", onGone);
-  const log = (session: string, outcome: string, up: number, down: number, detail?: string) =>
-    ctx.log.info(formatSession({ session, client, target: name, path: "connect-back", outcome, up, down, ms: Math.round(performance.now() - started), detail }));
+  const log = (session: string, outcome: string, up: number, down: number, detail?: string, path = ctx.tunnels.paths.current()) =>
+    ctx.log.info(formatSession({ session, client, target: name, path, outcome, up, down, ms: Math.round(performance.now() - started), detail }));
   openTunnel(ctx.tunnels, target, gone.signal).then(
     (t) => {
       socket.off("close", onGone);
       if (socket.destroyed) {
         t.socket.destroy();
-        log(t.session, "browser-gone", 0, 0);
+        log(t.session, "browser-gone", 0, 0, undefined, t.path);
         return;
       }
       const preUp = first(t);
       void bridge(socket, t.socket, ctx.bridgeTimeouts).then((s) => {
         const outcome = s.idle ? "idle-timeout" : s.error ? `closed-by-${s.error.side === "a" ? "browser" : "tunnel"}-error` : "ok";
-        log(t.session, outcome, s.aToB + preUp, s.bToA, s.error?.err.message);
+        log(t.session, outcome, s.aToB + preUp, s.bToA, s.error?.err.message, t.path);
       });
     },
     (err: unknown) => {

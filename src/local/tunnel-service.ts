@@ -18,6 +18,10 @@ export interface TunnelState {
   localPort: number;
   /** P': what the NAT maps P to, as the reporter saw it. */
   publicAddress: HostPort;
+  /** The address the reporter link left this machine from (equal to P's host when there is no NAT). */
+  localAddress: string;
+  /** The reporter's address, as dialled. */
+  reporter: HostPort;
   since: Date;
 }
 
@@ -106,8 +110,9 @@ export class TunnelService extends EventEmitter<Events> {
   async #attempt(): Promise<boolean> {
     let link: ReporterLink | undefined;
     try {
+      const reporter = await this.#resolveReporter();
       link = await openReporterLink({
-        reporter: await this.#resolveReporter(),
+        reporter,
         localPort: this.#port,
         keepAliveInterval: this.#config.nat_keep_alive_interval,
         timeout: this.#config.reporter_timeout,
@@ -127,7 +132,7 @@ export class TunnelService extends EventEmitter<Events> {
       this.#port = link.localPort;
       this.#failures = 0;
       this.#lastError = undefined;
-      const state: TunnelState = { localPort: link.localPort, publicAddress: link.publicAddress, since: new Date() };
+      const state: TunnelState = { localPort: link.localPort, publicAddress: link.publicAddress, localAddress: link.localAddress, reporter, since: new Date() };
       this.#state = state;
       link.on("packet", () => {
         this.#touch();

@@ -9,6 +9,8 @@ import { formatSession } from "../request-log.ts";
 import type { SocketRegistry } from "../sockets.ts";
 import type { CoordinatorClient } from "./coordinator-client.ts";
 import type { SessionTable } from "./sessions.ts";
+import type { OutboundDialer } from "./outbound.ts";
+import { isConnectBackFailure, type PathChooser, type TunnelPath } from "./path.ts";
 import type { TunnelState } from "./tunnel-service.ts";
 import { SESSION_MESSAGE_SIZE } from "../wire.ts";
 
@@ -16,27 +18,54 @@ export interface Tunnel {
   socket: TLSSocket;
   session: string;
   started: number;
+  path: TunnelPath;
+  /** Cleartext bytes read on the socket before the target's first byte. */
+  overhead: number;
+  /** Cleartext bytes written before the first byte for the target. */
+  sentOverhead: number;
 }
 
 export interface TunnelOpenerOptions {
   sessions: SessionTable;
   coordinator: CoordinatorClient;
+  outbound: OutboundDialer;
+  paths: PathChooser;
   tunnelState: () => TunnelState | undefined;
   connectTimeout: number;
   sockets: SocketRegistry;
 }
 
 /**
- * The normal workflow for one session: a fresh id in the table, the request to
- * the coordinator, then wait for its connect-back carrying that id. The first
- * of "connect-back arrived", "the coordinator answered with an error" and
- * "connect_timeout passed" decides.
+ * Opens one session's tunnel on the path the chooser names. With `auto`, a
+ * connect-back that fails is retried at once on the outbound path (the
+ * browser is still waiting), and later sessions go outbound too.
  */
 export async function openTunnel(opts: TunnelOpenerOptions, target: HostPort, signal?: AbortSignal): Promise<Tunnel> {
+  const started = performance.now();
+  if (opts.paths.current() === "connect-back") {
+    try {
+      return await openConnectBack(opts, target, started, signal);
+    } catch (err) {
+      if (opts.paths.mode !== "auto" || !isConnectBackFailure(err) || signal?.aborted) throw err;
+      opts.paths.connectBackFailed(err);
+    }
+  }
+  const session = uuidv4();
+  const t = await opts.outbound.open(session, target, signal);
+  opts.sockets.add(t.socket);
+  return { socket: t.socket, session, started, path: "outbound", overhead: t.overhead, sentOverhead: t.sentOverhead };
+}
+
+/**
+ * The specification's normal workflow for one session: a fresh id in the
+ * table, the request to the coordinator, then wait for its connect-back
+ * carrying that id. The first of "connect-back arrived", "the coordinator
+ * answered with an error" and "connect_timeout passed" decides.
+ */
+async function openConnectBack(opts: TunnelOpenerOptions, target: HostPort, started: number, signal?: AbortSignal): Promise<Tunnel> {
   const state = opts.tunnelState();
   if (!state) throw new NatproxyError("TUNNEL_NOT_READY");
   const session = uuidv4();
-  const started = performance.now();
   const arrival = opts.sessions.expect(session, opts.connectTimeout);
   const abort = new AbortController();
   const onCallerAbort = () => opts.sessions.fail(session, new NatproxyError("BAD_REQUEST", "the browser went away"));
@@ -45,7 +74,7 @@ export async function openTunnel(opts: TunnelOpenerOptions, target: HostPort, si
   try {
     const socket = await arrival;
     opts.sockets.add(socket);
-    return { socket, session, started };
+    return { socket, session, started, path: "connect-back", overhead: SESSION_MESSAGE_SIZE, sentOverhead: 0 };
   } finally {
     signal?.removeEventListener("abort", onCallerAbort);
     // Ends the API call if it is still waiting (timeout or browser gone);
@@ -78,7 +107,7 @@ export class TunnelAgent extends http.Agent {
         callback?.(null, t.socket);
       },
       (err: NatproxyError) => {
-        this.#log.info(formatSession({ session: "-", client, target: formatHostPort(target.host, target.port), path: "connect-back", outcome: err.code ?? "ERROR", up: 0, down: 0, ms: 0, detail: err.message }));
+        this.#log.info(formatSession({ session: "-", client, target: formatHostPort(target.host, target.port), path: this.#opts.paths.current(), outcome: err.code ?? "ERROR", up: 0, down: 0, ms: 0, detail: err.message }));
         callback?.(err, undefined as unknown as Duplex);
       },
     );
@@ -94,10 +123,10 @@ export class TunnelAgent extends http.Agent {
           session: t.session,
           client,
           target: formatHostPort(target.host, target.port),
-          path: "connect-back",
+          path: t.path,
           outcome: "ok",
-          up: t.socket.bytesWritten,
-          down: Math.max(0, t.socket.bytesRead - SESSION_MESSAGE_SIZE),
+          up: t.socket.bytesWritten - t.sentOverhead,
+          down: Math.max(0, t.socket.bytesRead - t.overhead),
           ms: Math.round(performance.now() - t.started),
         }),
       );

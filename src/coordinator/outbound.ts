@@ -1,0 +1,124 @@
+import type { IncomingMessage } from "node:http";
+import { STATUS_CODES } from "node:http";
+import type { Socket } from "node:net";
+import type { Duplex } from "node:stream";
+import type { ConsolaInstance } from "consola";
+import { formatHostPort, unmapIPv4 } from "../address.ts";
+import { bridge } from "../bridge.ts";
+import { NatproxyError } from "../errors.ts";
+import { formatSession } from "../request-log.ts";
+import type { SocketRegistry } from "../sockets.ts";
+import type { TargetPolicy } from "../target-policy.ts";
+import { encodeResult, isSessionId, openOf, readMessage, type OpenRequest } from "../wire.ts";
+import { API, isTargetHost } from "./api.ts";
+import { dialTarget } from "./dial.ts";
+
+/** The Upgrade token of the outbound path (PROTOCOL.md §4). */
+export const TUNNEL_PROTOCOL = "natproxy-tunnel/1";
+
+export interface OutboundContext {
+  checkToken(authorization: string | undefined): number | undefined;
+  policy: TargetPolicy;
+  connectTimeout: number;
+  /** How long an upgraded connection may wait for its Open message. */
+  openTimeout: number;
+  idleTimeout: number;
+  finTimeout: number;
+  sockets: SocketRegistry;
+  log: ConsolaInstance;
+}
+
+/**
+ * The outbound path: a local proxy whose NAT lets no connect-back in dials the
+ * coordinator's HTTPS port itself, upgrades the connection, and names its
+ * target in an Open message. From then on the connection is bridged to the
+ * target exactly as a connect-back would be.
+ */
+export function upgradeHandler(ctx: OutboundContext) {
+  return (req: IncomingMessage, socket: Duplex, head: Buffer): void => {
+    ctx.sockets.add(socket);
+    socket.on("error", () => {});
+    const client = formatHostPort(unmapIPv4(req.socket.remoteAddress ?? "?"), req.socket.remotePort ?? 0);
+    const path = (req.url ?? "").split("?")[0];
+    if (path !== API.tunnel) {
+      refuse(socket, new NatproxyError("NOT_FOUND", `${req.method} ${path}`));
+      return;
+    }
+    // As on the API: nothing but 401 for a peer without a valid token.
+    if (ctx.checkToken(req.headers.authorization) === undefined) {
+      refuse(socket, new NatproxyError("UNAUTHORIZED"), { "WWW-Authenticate": 'Bearer realm="natproxy"' });
+      return;
+    }
+    if ((req.headers.upgrade ?? "").toLowerCase() !== TUNNEL_PROTOCOL) {
+      refuse(socket, new NatproxyError("BAD_REQUEST", `expected Upgrade: ${TUNNEL_PROTOCOL}`));
+      return;
+    }
+    socket.write(`HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: ${TUNNEL_PROTOCOL}\r\n\r\n`);
+    if (head.length) socket.unshift(head);
+    (socket as Socket).setTimeout(ctx.openTimeout, () => socket.destroy());
+    readMessage(socket).then(
+      (msg) => {
+        let open: OpenRequest;
+        try {
+          open = openOf(msg);
+        } catch (err) {
+          return fail(new NatproxyError("BAD_REQUEST", (err as Error).message));
+        }
+        const problems: string[] = [];
+        if (!isSessionId(open.session)) problems.push("session: expected a UUID v4");
+        if (!isTargetHost(open.target.host)) problems.push("target.host: expected a host name or IP address");
+        if (open.target.port < 1) problems.push("target.port: expected 1-65535");
+        if (problems.length) return fail(new NatproxyError("BAD_REQUEST", problems.join("; ")));
+        void serve(ctx, socket, open, client);
+      },
+      (err: Error) => {
+        ctx.log.debug(`outbound tunnel from ${client}: ${err.message}`);
+        socket.destroy();
+      },
+    );
+
+    function fail(e: NatproxyError): void {
+      ctx.log.info(formatSession({ session: "-", client, target: "?", path: "outbound", outcome: e.code, up: 0, down: 0, ms: 0, detail: e.message }));
+      socket.end(encodeResult({ code: e.code, message: e.message }));
+    }
+  };
+}
+
+async function serve(ctx: OutboundContext, socket: Duplex, open: OpenRequest, client: string): Promise<void> {
+  const started = performance.now();
+  const target = formatHostPort(open.target.host, open.target.port);
+  const gone = new AbortController();
+  const onGone = () => gone.abort(new NatproxyError("BAD_REQUEST", "the local proxy went away"));
+  socket.once("close", onGone);
+  const record = (outcome: string, up: number, down: number, detail?: string) =>
+    ctx.log.info(formatSession({ session: open.session, client, target, path: "outbound", outcome, up, down, ms: Math.round(performance.now() - started), detail }));
+  let targetSocket;
+  try {
+    targetSocket = await dialTarget(open.target, ctx.connectTimeout, ctx.policy, gone.signal);
+  } catch (err) {
+    const e = err instanceof NatproxyError ? err : new NatproxyError("INTERNAL", (err as Error).message);
+    socket.off("close", onGone);
+    record(e.code, 0, 0, e.message);
+    socket.end(encodeResult({ code: e.code, message: e.message }));
+    return;
+  }
+  socket.off("close", onGone);
+  ctx.sockets.add(targetSocket);
+  (socket as Socket).setTimeout(0);
+  socket.write(encodeResult({ code: "OK", target_address: formatHostPort(targetSocket.remoteAddress ?? "?", targetSocket.remotePort ?? 0) }));
+  const stats = await bridge(socket, targetSocket, { idle: ctx.idleTimeout, fin: ctx.finTimeout });
+  const outcome = stats.idle ? "idle-timeout" : stats.error ? `closed-by-${stats.error.side === "a" ? "local" : "target"}-error` : "ok";
+  record(outcome, stats.aToB, stats.bToA, stats.error?.err.message);
+}
+
+function refuse(socket: Duplex, e: NatproxyError, headers: Record<string, string> = {}): void {
+  const body = JSON.stringify({ error: { code: e.code, message: e.message } });
+  const lines = [
+    `HTTP/1.1 ${e.status} ${STATUS_CODES[e.status] ?? "Error"}`,
+    "Content-Type: application/json",
+    `Content-Length: ${Buffer.byteLength(body)}`,
+    "Connection: close",
+    ...Object.entries(headers).map(([k, v]) => `${k}: ${v}`),
+  ];
+  socket.end(`${lines.join("\r\n")}\r\n\r\n${body}`);
+}

@@ -1,0 +1,188 @@
+import type { Duplex } from "node:stream";
+import tls from "node:tls";
+import type { HostPort } from "../address.ts";
+import { NatproxyError, isErrorCode } from "../errors.ts";
+import { handshakeError, tlsClientOptions, verifyPeer, type Trust } from "../tls/trust.ts";
+import { encodeOpen, readMessage, resultOf } from "../wire.ts";
+import { responseError } from "./coordinator-client.ts";
+
+const TUNNEL_PROTOCOL = "natproxy-tunnel/1";
+// A 101 head is tiny; an error answer is a short JSON document.
+const MAX_HEAD = 8 * 1024;
+const MAX_ERROR_BODY = 16 * 1024;
+
+export interface OutboundOptions {
+  url: URL;
+  token: string;
+  trust: Trust;
+  /** TCP + TLS + the coordinator's answer (which includes dialling the target). */
+  timeout: number;
+}
+
+export interface OutboundTunnel {
+  socket: tls.TLSSocket;
+  /** Cleartext bytes read before the first target byte (101 head and Result). */
+  overhead: number;
+  /** Cleartext bytes written before the first byte for the target (request head and Open). */
+  sentOverhead: number;
+  targetAddress?: string;
+}
+
+/**
+ * The outbound path: the local proxy dials the coordinator's HTTPS port,
+ * upgrades to natproxy-tunnel/1 and names the target in the same flight, so a
+ * tunnel costs TCP + TLS + one round trip, and works through any NAT that
+ * lets the local proxy reach the coordinator at all. The TLS session is
+ * resumed where the server allows it.
+ */
+export class OutboundDialer {
+  readonly #opts: OutboundOptions;
+  #tlsSession: Buffer | undefined;
+
+  constructor(opts: OutboundOptions) {
+    this.#opts = opts;
+  }
+
+  open(session: string, target: HostPort, signal?: AbortSignal): Promise<OutboundTunnel> {
+    const { url, token, trust, timeout } = this.#opts;
+    const port = Number(url.port || 443);
+    return new Promise((resolve, reject) => {
+      const offered = this.#tlsSession;
+      const socket = tls.connect({ ...tlsClientOptions(trust), port, session: offered });
+      socket.setNoDelay(true);
+      let verified = false;
+      // Only tickets from a connection whose certificate passed our checks are
+      // kept: a resumed session carries no certificate to check again.
+      socket.on("session", (ticket: Buffer) => {
+        if (verified) this.#tlsSession = ticket;
+      });
+      let done = false;
+      const timer = setTimeout(() => fail(new NatproxyError("COORDINATOR_UNREACHABLE", `outbound tunnel: no answer within ${timeout} ms`)), timeout);
+      const onAbort = () => fail(signal?.reason instanceof NatproxyError ? signal.reason : new NatproxyError("BAD_REQUEST", "the browser went away"));
+      signal?.addEventListener("abort", onAbort, { once: true });
+      const finish = () => {
+        done = true;
+        clearTimeout(timer);
+        signal?.removeEventListener("abort", onAbort);
+        socket.off("error", onError);
+      };
+      const fail = (err: Error) => {
+        if (done) return;
+        finish();
+        socket.destroy();
+        reject(err);
+      };
+      const onError = (err: NodeJS.ErrnoException) => fail(handshakeError(err, "outbound tunnel"));
+      socket.on("error", onError);
+      socket.once("secureConnect", () => {
+        const refused = offered && socket.isSessionReused() ? undefined : verifyPeer(socket, trust);
+        if (refused) {
+          this.#tlsSession = undefined;
+          return fail(refused);
+        }
+        verified = true;
+        // Request and Open in one write: the coordinator reads the Open from
+        // the bytes after the head and starts dialling the target at once.
+        const head =
+          `GET /v1/tunnel HTTP/1.1\r\nHost: ${url.host}\r\nAuthorization: Bearer ${token}\r\n` + `Connection: Upgrade\r\nUpgrade: ${TUNNEL_PROTOCOL}\r\nUser-Agent: natproxy\r\n\r\n`;
+        const first = Buffer.concat([Buffer.from(head, "latin1"), encodeOpen({ session, target })]);
+        socket.write(first);
+        readHead(socket)
+          .then(async ({ status, headers, size }) => {
+            if (status !== 101) {
+              const body = await readBody(socket, Math.min(Number(headers["content-length"] ?? MAX_ERROR_BODY), MAX_ERROR_BODY));
+              let json: unknown;
+              try {
+                json = JSON.parse(body);
+              } catch {
+                json = undefined;
+              }
+              throw responseError(status, json);
+            }
+            const msg = await readMessage(socket);
+            const result = resultOf(msg);
+            if (result.code !== "OK") {
+              const e = new NatproxyError(isErrorCode(result.code) ? result.code : "COORDINATOR_REFUSED");
+              if (result.message) e.message = result.message;
+              throw e;
+            }
+            if (done) return;
+            finish();
+            // Late errors belong to whoever pipes the socket next; until then
+            // they must not crash the process.
+            socket.on("error", () => {});
+            resolve({ socket, overhead: size + 8 + msg.payload.length, sentOverhead: first.length, targetAddress: result.target_address });
+          })
+          .catch((err: Error) => fail(err instanceof NatproxyError ? err : new NatproxyError("COORDINATOR_REFUSED", `outbound tunnel: ${err.message}`)));
+      });
+    });
+  }
+}
+
+/** Reads an HTTP response head off a stream and puts back what followed it. */
+function readHead(stream: Duplex): Promise<{ status: number; headers: Record<string, string>; size: number }> {
+  return new Promise((resolve, reject) => {
+    let buf: Buffer = Buffer.alloc(0);
+    const cleanup = () => {
+      stream.off("readable", onReadable);
+      stream.off("end", onEnd);
+      stream.off("close", onEnd);
+    };
+    const onEnd = () => {
+      cleanup();
+      reject(new Error("the coordinator closed the connection before answering"));
+    };
+    const onReadable = () => {
+      let chunk: Buffer | null;
+      while ((chunk = stream.read() as Buffer | null) !== null) {
+        buf = buf.length ? Buffer.concat([buf, chunk]) : chunk;
+        const end = buf.indexOf("\r\n\r\n");
+        if (end < 0) {
+          if (buf.length > MAX_HEAD) {
+            cleanup();
+            reject(new Error("the coordinator's answer head is too large"));
+          }
+          continue;
+        }
+        cleanup();
+        const rest = buf.subarray(end + 4);
+        if (rest.length) stream.unshift(rest);
+        const lines = buf.subarray(0, end).toString("latin1").split("\r\n");
+        const m = /^HTTP\/1\.[01] (\d{3})/.exec(lines[0] ?? "");
+        if (!m) {
+          reject(new Error("the coordinator did not answer with HTTP"));
+          return;
+        }
+        const headers: Record<string, string> = {};
+        for (const line of lines.slice(1)) {
+          const colon = line.indexOf(":");
+          if (colon > 0) headers[line.slice(0, colon).trim().toLowerCase()] = line.slice(colon + 1).trim();
+        }
+        resolve({ status: Number(m[1]), headers, size: end + 4 });
+        return;
+      }
+    };
+    stream.on("readable", onReadable);
+    stream.on("end", onEnd);
+    stream.on("close", onEnd);
+  });
+}
+
+function readBody(stream: Duplex, limit: number): Promise<string> {
+  return new Promise((resolve) => {
+    const chunks: Buffer[] = [];
+    let size = 0;
+    const done = () => {
+      stream.off("data", onData);
+      resolve(Buffer.concat(chunks).toString("utf8"));
+    };
+    const onData = (c: Buffer) => {
+      chunks.push(c);
+      size += c.length;
+      if (size >= limit) done();
+    };
+    stream.on("data", onData);
+    stream.once("end", done);
+    stream.once("close", done);
+  });
+}
