@@ -2,6 +2,7 @@
 import { cac } from "cac";
 import { ConfigError, loadConfig, type ConfigInput, type ResolvedConfig, type Role } from "./config.ts";
 import { startCoordinator } from "./coordinator/index.ts";
+import { checkLocal } from "./local/check.ts";
 import { startLocal } from "./local/index.ts";
 import { LOG_LEVELS, log, setLogLevel, type LogLevel } from "./log.ts";
 import { startReporter } from "./reporter.ts";
@@ -38,6 +39,7 @@ function localOverrides(f: Flags): ConfigInput {
       ca: str(f.ca),
       fingerprint: str(f.fingerprint),
       connect_timeout: num(f.connectTimeout),
+      tunnel: str(f.tunnel) as "auto" | undefined,
     },
   };
 }
@@ -83,6 +85,14 @@ async function startRole(role: Role, cfg: ResolvedConfig): Promise<Running[]> {
 async function run(role: Role, flags: Flags, overrides: ConfigInput): Promise<void> {
   const cfg = loadConfig({ path: str(flags.config), role, overrides });
   setLogLevel(cfg.log_level);
+  if (role === "local" && flags.check) {
+    // The report is the output; the workflow's own log lines stay on stderr
+    // and only when something is wrong.
+    if (flags.logLevel === undefined) setLogLevel("error");
+    const report = await checkLocal(cfg.local);
+    process.stdout.write(`${report.lines.join("\n")}\n`);
+    process.exit(report.ok ? 0 : 1);
+  }
   const running = await startRole(role, cfg);
   let stopping = false;
   const stop = (signal: NodeJS.Signals) => {
@@ -114,7 +124,10 @@ async function main(argv: string[]): Promise<void> {
     .option("--ca <file>", "extra CA bundle (PEM) to trust for the coordinator")
     .option("--fingerprint <sha256:...>", "pin the coordinator certificate")
     .option("--connect-timeout <ms>", "how long a session waits for the coordinator's connect-back")
+    .option("--tunnel <mode>", "auto (default), connect-back or outbound")
+    .option("--check", "run the start-up workflow once, print what it found (address, NAT, path, problems) and exit: 0 = a working path, 1 = none")
     .example("natproxy local -c proxy.toml")
+    .example("natproxy local -c proxy.toml --check")
     .action((flags: Flags) => run("local", flags, localOverrides(flags)));
 
   cli

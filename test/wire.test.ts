@@ -72,3 +72,23 @@ test("readMessage rejects on garbage and on an early close", async () => {
   b.end(Buffer.from("NATP"));
   await assert.rejects(pb, /closed before its first message/);
 });
+
+test("open and result messages round-trip; refusals name what is wrong", async () => {
+  const { encodeOpen, openOf, encodeResult, resultOf } = await import("../src/wire.ts");
+  const id = uuidv4();
+  for (const host of ["example.com", "203.0.113.30", "2001:db8::1", "ü.example"]) {
+    const d = decodeMessage(encodeOpen({ session: id, target: { host, port: 443 } }));
+    assert.ok(d);
+    assert.deepEqual(openOf(d.message), { session: id, target: { host, port: 443 } });
+  }
+  assert.throws(() => encodeOpen({ session: id, target: { host: "", port: 1 } }), WireError);
+  assert.throws(() => encodeOpen({ session: id, target: { host: "a".repeat(256), port: 1 } }), WireError);
+  const ok = decodeMessage(encodeResult({ code: "OK", target_address: "203.0.113.30:443" }));
+  assert.deepEqual(ok && resultOf(ok.message), { code: "OK", message: undefined, target_address: "203.0.113.30:443" });
+  // A message too long for one frame is cut, not refused.
+  const long = decodeMessage(encodeResult({ code: "TARGET_REFUSED", message: "x".repeat(5000) }));
+  assert.equal(long && resultOf(long.message).code, "TARGET_REFUSED");
+  assert.throws(() => resultOf({ type: MessageType.Result, payload: Buffer.from("not json") }), /not JSON/);
+  assert.throws(() => resultOf({ type: MessageType.Result, payload: Buffer.from("{}") }), /no code/);
+  assert.throws(() => openOf({ type: MessageType.Session, payload: Buffer.alloc(16) }), /not an open message/);
+});

@@ -1,9 +1,7 @@
 import http from "node:http";
 import type { AddressInfo } from "node:net";
 import type { LocalConfig } from "../config.ts";
-import { lookup } from "node:dns/promises";
-import { isIP } from "node:net";
-import { formatHostPort, unmapIPv4 } from "../address.ts";
+import { formatHostPort } from "../address.ts";
 import { NatproxyError } from "../errors.ts";
 import { closeServer, listen } from "../listen.ts";
 import { roleLogger } from "../log.ts";
@@ -16,7 +14,7 @@ import { makeRequestHandler } from "./handle-request.ts";
 import { makeUpgradeHandler } from "./handle-upgrade.ts";
 import { makeProxyAuth } from "./proxy-auth.ts";
 import { OutboundDialer } from "./outbound.ts";
-import { PathChooser, describeReachability, probeConnectBack, type Reachability, type TunnelPath } from "./path.ts";
+import { PathChooser, describeReachability, probeConnectBack, resolveHost, type Reachability, type TunnelPath } from "./path.ts";
 import { SessionTable } from "./sessions.ts";
 import { TunnelService, type TunnelState } from "./tunnel-service.ts";
 import { TunnelAgent } from "./tunnels.ts";
@@ -123,13 +121,3 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
   };
 }
 
-// The coordinator's address as the reporter comparison needs it; a name that
-// does not resolve yet is kept as it is (the API call will say why).
-async function resolveHost(host: string): Promise<string> {
-  if (isIP(host)) return unmapIPv4(host);
-  try {
-    return (await lookup(host)).address;
-  } catch {
-    return host;
-  }
-}

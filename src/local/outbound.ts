@@ -44,6 +44,16 @@ export class OutboundDialer {
   }
 
   open(session: string, target: HostPort, signal?: AbortSignal): Promise<OutboundTunnel> {
+    return this.#dial({ session, target }, signal);
+  }
+
+  /** Upgrades a connection and closes it again: proves token, certificate and path without dialling a target. */
+  async check(): Promise<void> {
+    const t = await this.#dial(undefined);
+    t.socket.destroy();
+  }
+
+  #dial(open: { session: string; target: HostPort } | undefined, signal?: AbortSignal): Promise<OutboundTunnel> {
     const { url, token, trust, timeout } = this.#opts;
     const port = Number(url.port || 443);
     return new Promise((resolve, reject) => {
@@ -85,7 +95,7 @@ export class OutboundDialer {
         // the bytes after the head and starts dialling the target at once.
         const head =
           `GET /v1/tunnel HTTP/1.1\r\nHost: ${url.host}\r\nAuthorization: Bearer ${token}\r\n` + `Connection: Upgrade\r\nUpgrade: ${TUNNEL_PROTOCOL}\r\nUser-Agent: natproxy\r\n\r\n`;
-        const first = Buffer.concat([Buffer.from(head, "latin1"), encodeOpen({ session, target })]);
+        const first = open ? Buffer.concat([Buffer.from(head, "latin1"), encodeOpen(open)]) : Buffer.from(head, "latin1");
         socket.write(first);
         readHead(socket)
           .then(async ({ status, headers, size }) => {
@@ -98,6 +108,11 @@ export class OutboundDialer {
                 json = undefined;
               }
               throw responseError(status, json);
+            }
+            if (!open) {
+              finish();
+              resolve({ socket, overhead: size, sentOverhead: first.length });
+              return;
             }
             const msg = await readMessage(socket);
             const result = resultOf(msg);

@@ -1,6 +1,8 @@
 import type { ConsolaInstance } from "consola";
 import { v4 as uuidv4 } from "uuid";
-import { formatHostPort } from "../address.ts";
+import { lookup } from "node:dns/promises";
+import { isIP } from "node:net";
+import { formatHostPort, unmapIPv4 } from "../address.ts";
 import { NatproxyError } from "../errors.ts";
 import type { CoordinatorClient } from "./coordinator-client.ts";
 import type { SessionTable } from "./sessions.ts";
@@ -136,4 +138,18 @@ export class PathChooser {
 
 export function isConnectBackFailure(err: unknown): err is NatproxyError {
   return err instanceof NatproxyError && (err.code === "CONNECT_BACK_TIMEOUT" || err.code === "CONNECT_BACK_FAILED" || err.code === "TUNNEL_NOT_READY");
+}
+
+/**
+ * The coordinator's address, for comparing with the reporter's (a combined
+ * coordinator+reporter changes what a NAT lets in). A name that does not
+ * resolve yet is kept as it is; the API call will say why.
+ */
+export async function resolveHost(host: string): Promise<string> {
+  if (isIP(host)) return unmapIPv4(host);
+  try {
+    return (await lookup(host)).address;
+  } catch {
+    return host;
+  }
 }

@@ -1,0 +1,175 @@
+import assert from "node:assert/strict";
+import { once } from "node:events";
+import tls from "node:tls";
+import { after, before, describe, test } from "node:test";
+import { v4 as uuidv4 } from "uuid";
+import { resolveConfig } from "../src/config.ts";
+import { startCoordinator, type Coordinator } from "../src/coordinator/index.ts";
+import { startLocal } from "../src/local/index.ts";
+import { startReporter } from "../src/reporter.ts";
+import { decodeMessage, encodeOpen, MessageType, resultOf } from "../src/wire.ts";
+import { connectThrough, proxiedRequest } from "./helpers/client.ts";
+import { testPki, type TestPki } from "./helpers/pki.ts";
+import { LOOPBACK_TARGETS, TOKEN } from "./helpers/stack.ts";
+import { closedPort, startHttpTarget, type Target } from "./helpers/targets.ts";
+
+// How the local proxy picks its tunnel path, and how the coordinator guards
+// the outbound path's Upgrade.
+
+let pki: TestPki;
+let coordinator: Coordinator;
+let web: Target;
+
+before(async () => {
+  pki = await testPki();
+  coordinator = await startCoordinator(
+    resolveConfig({ coordinator: { listen: "127.0.0.1:0", cert: pki.combinedFile, tokens: [TOKEN], allow_targets: LOOPBACK_TARGETS, keep_alive_timeout: 300 } }, "coordinator").coordinator,
+  );
+  web = await startHttpTarget();
+});
+after(async () => {
+  await coordinator?.close();
+  await web?.close();
+});
+
+function localConfig(reporter: string, extra: Record<string, unknown> = {}) {
+  return resolveConfig(
+    {
+      local: {
+        listen: "127.0.0.1:0",
+        coordinator: `https://127.0.0.1:${coordinator.addresses[0].port}`,
+        token: TOKEN,
+        reporter,
+        ca: pki.caFile,
+        reporter_retries: 0,
+        probe_timeout: 1500,
+        ...extra,
+      },
+    },
+    "local",
+  ).local;
+}
+
+describe("tunnel = auto", () => {
+  test("a probe that cannot get in makes auto choose the outbound path, and sessions work", async () => {
+    // The reporter is reached over IPv6 and the API over IPv4, so the
+    // coordinator's same-ip rule refuses the connect-back: a real refusal,
+    // as a user with split address families would meet it.
+    const reporter = await startReporter(resolveConfig({ reporter: { listen: "[::1]:0" } }, "reporter").reporter);
+    const local = await startLocal(localConfig(`[::1]:${reporter.addresses[0].port}`));
+    try {
+      const r = local.reachability();
+      assert.ok(r, "the probe ran at start-up");
+      assert.equal(r.probe.ok, false);
+      assert.equal(r.probe.error?.code, "FORBIDDEN");
+      assert.match(r.behaviour, /refused to connect back/);
+      assert.equal(local.path(), "outbound");
+      const res = await proxiedRequest(local.proxyAddress.port, `http://127.0.0.1:${web.port}/auto-outbound`);
+      assert.equal(res.status, 200);
+      const c = await connectThrough(local.proxyAddress.port, `127.0.0.1:${web.port}`);
+      assert.equal(c.status, 200);
+      c.socket.destroy();
+    } finally {
+      await local.close();
+      await reporter.close();
+    }
+  });
+
+  test("with no reporter at all, auto serves over the outbound path from the start", async () => {
+    const local = await startLocal(localConfig(`127.0.0.1:${await closedPort()}`, { retry_max_delay: 60_000 }));
+    try {
+      assert.equal(local.tunnel(), undefined);
+      assert.equal(local.path(), "outbound");
+      const res = await proxiedRequest(local.proxyAddress.port, `http://127.0.0.1:${web.port}/no-reporter`);
+      assert.equal(res.status, 200);
+    } finally {
+      await local.close();
+    }
+  });
+
+  test("on loopback the probe gets through and auto uses connect-back", async () => {
+    const reporter = await startReporter(resolveConfig({ reporter: { listen: "127.0.0.1:0" } }, "reporter").reporter);
+    const local = await startLocal(localConfig(`127.0.0.1:${reporter.addresses[0].port}`));
+    try {
+      assert.equal(local.reachability()?.probe.ok, true);
+      assert.equal(local.path(), "connect-back");
+      const res = await proxiedRequest(local.proxyAddress.port, `http://127.0.0.1:${web.port}/auto-back`);
+      assert.equal(res.status, 200);
+    } finally {
+      await local.close();
+      await reporter.close();
+    }
+  });
+});
+
+/** A raw TLS connection to the coordinator; resolves with everything it sent until it closed. */
+async function rawExchange(write: Buffer | string, opts: { closeAfterMs?: number } = {}): Promise<string> {
+  const socket = tls.connect({ host: "127.0.0.1", port: coordinator.addresses[0].port, ca: [pki.ca.cert], servername: "localhost" });
+  await once(socket, "secureConnect");
+  socket.write(write);
+  const chunks: Buffer[] = [];
+  socket.on("data", (c: Buffer) => chunks.push(c));
+  const timer = opts.closeAfterMs ? setTimeout(() => socket.destroy(), opts.closeAfterMs) : undefined;
+  await once(socket, "close");
+  clearTimeout(timer);
+  return Buffer.concat(chunks).toString("latin1");
+}
+
+const upgrade = (headers: string) => `GET /v1/tunnel HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n${headers}\r\n`;
+
+describe("the coordinator guards the outbound path", () => {
+  test("no token, a wrong token, or a wrong Upgrade: refused with a status and nothing dialled", async () => {
+    const open = encodeOpen({ session: uuidv4(), target: { host: "127.0.0.1", port: web.port } });
+    const none = await rawExchange(Buffer.concat([Buffer.from(upgrade("Upgrade: natproxy-tunnel/1\r\n")), open]));
+    assert.match(none, /^HTTP\/1\.1 401 /);
+    assert.match(none, /WWW-Authenticate: Bearer/);
+    const wrong = await rawExchange(Buffer.concat([Buffer.from(upgrade("Authorization: Bearer not-the-token-at-all\r\nUpgrade: natproxy-tunnel/1\r\n")), open]));
+    assert.match(wrong, /^HTTP\/1\.1 401 /);
+    const proto = await rawExchange(upgrade(`Authorization: Bearer ${TOKEN}\r\nUpgrade: websocket\r\n`));
+    assert.match(proto, /^HTTP\/1\.1 400 /);
+    const plain = await rawExchange(`GET /v1/tunnel HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${TOKEN}\r\nConnection: close\r\n\r\n`);
+    assert.match(plain, /^HTTP\/1\.1 400 /);
+    assert.match(plain, /Upgrade/);
+  });
+
+  test("an Open that is malformed, or names a forbidden target, gets a Result with its code", async () => {
+    const ok = upgrade(`Authorization: Bearer ${TOKEN}\r\nUpgrade: natproxy-tunnel/1\r\n`);
+    const result = (text: string) => {
+      const body = Buffer.from(text.slice(text.indexOf("\r\n\r\n") + 4), "latin1");
+      const d = decodeMessage(body);
+      assert.ok(d, `a whole message in ${JSON.stringify(text)}`);
+      assert.equal(d.message.type, MessageType.Result);
+      return resultOf(d.message);
+    };
+    const forbidden = await rawExchange(Buffer.concat([Buffer.from(ok), encodeOpen({ session: uuidv4(), target: { host: "10.1.2.3", port: 80 } })]));
+    assert.match(forbidden, /^HTTP\/1\.1 101 /);
+    assert.equal(result(forbidden).code, "FORBIDDEN");
+    const badHost = await rawExchange(Buffer.concat([Buffer.from(ok), encodeOpen({ session: uuidv4(), target: { host: "bad host!", port: 80 } })]));
+    assert.equal(result(badHost).code, "BAD_REQUEST");
+    const refused = await rawExchange(Buffer.concat([Buffer.from(ok), encodeOpen({ session: uuidv4(), target: { host: "127.0.0.1", port: await closedPort() } })]));
+    assert.equal(result(refused).code, "TARGET_REFUSED");
+  });
+
+  test("garbage after the Upgrade, or silence, closes the connection", async () => {
+    const ok = upgrade(`Authorization: Bearer ${TOKEN}\r\nUpgrade: natproxy-tunnel/1\r\n`);
+    const garbage = await rawExchange(`${ok}GET / HTTP/1.1\r\n\r\n`);
+    assert.match(garbage, /^HTTP\/1\.1 101 /);
+    // keep_alive_timeout is 300 ms here: a silent upgraded connection is dropped by then.
+    const t0 = performance.now();
+    await rawExchange(ok, { closeAfterMs: 5000 });
+    assert.ok(performance.now() - t0 < 3000, "the coordinator closed the silent connection");
+  });
+
+  test("the probe API: same-ip refuses another address; a bad body is 400; no token is 401", async () => {
+    const post = (body: string, auth = `Authorization: Bearer ${TOKEN}\r\n`) =>
+      rawExchange(`POST /v1/probe HTTP/1.1\r\nHost: x\r\n${auth}Content-Type: application/json\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`);
+    const elsewhere = await post(JSON.stringify({ probe: uuidv4(), reply: { host: "203.0.113.9", port: 40000 } }));
+    assert.match(elsewhere, /^HTTP\/1\.1 403 /);
+    assert.match(elsewhere, /same-ip/);
+    const bad = await post(JSON.stringify({ probe: "nope", reply: { host: "x", port: 0 } }));
+    assert.match(bad, /^HTTP\/1\.1 400 /);
+    assert.match(bad, /probe: expected a UUID v4/);
+    const anon = await post("{}", "");
+    assert.match(anon, /^HTTP\/1\.1 401 /);
+  });
+});
