@@ -47,6 +47,7 @@ const localSchema = z.strictObject({
   connect_timeout: ms(10_000),
   tunnel: z.enum(["auto", "connect-back", "outbound"]).default("auto"),
   probe_timeout: ms(3_000),
+  probe_interval: ms(60_000),
   reporter_timeout: ms(5_000),
   reporter_retries: count(5, 1000),
   retry_delay: ms(500),

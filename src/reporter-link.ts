@@ -300,7 +300,12 @@ export class ReporterLink extends EventEmitter<ReporterLinkEvents> {
     clearTimeout(this.#receiveIdleTimer);
     for (const t of this.#pending.values()) clearTimeout(t);
     this.#pending.clear();
-    this.#socket.destroy();
+    // A reset, not a FIN: the 4-tuple P -> reporter is free again at once, so
+    // the start-up workflow can reconnect from P. After a FIN the kernel keeps
+    // it (FIN_WAIT, TIME_WAIT) for a minute or more, and every reconnect from P
+    // fails with EADDRNOTAVAIL, longest of all when the path is dead.
+    if (this.#connected && !this.#socket.destroyed) this.#socket.resetAndDestroy();
+    else this.#socket.destroy();
     const settle = this.#settle;
     this.#settle = undefined;
     if (settle) {

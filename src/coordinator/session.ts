@@ -6,7 +6,7 @@ import { NatproxyError } from "../errors.ts";
 import { formatSession } from "../request-log.ts";
 import type { SocketRegistry } from "../sockets.ts";
 import type { TargetPolicy } from "../target-policy.ts";
-import { encodeSession } from "../wire.ts";
+import { encodeResult, encodeSession } from "../wire.ts";
 import { connectBack, dialTarget } from "./dial.ts";
 
 export interface SessionRequest {
@@ -29,54 +29,51 @@ export interface SessionContext {
 
 /**
  * Dials the target and the connect-back at the same time (neither waits for
- * the other), then sends the session id first on the connect-back and bridges
- * the two. Resolves once the bridge is up, with the target's address;
- * rejects with the failure the API answers with.
+ * the other). The session id goes out on the connect-back the moment it is
+ * up, so the local proxy learns at once that connect-back works from its
+ * network, whatever the target does; a Result message then says whether the
+ * target answered, and the bridge follows. Resolves once the bridge is up,
+ * with the target's address; rejects with the failure the API answers with.
  */
 export async function openSession(req: SessionRequest, ctx: SessionContext): Promise<{ targetAddress: string }> {
   const started = performance.now();
   const target = formatHostPort(req.target.host, req.target.port);
-  // Whichever leg fails first cancels the other, so an error is reported as
-  // soon as it is known rather than after the other leg's timeout.
-  const cancel = new AbortController();
-  let first: NatproxyError | undefined;
-  const leg = <T>(p: Promise<T>) =>
-    p.catch((err: NatproxyError) => {
-      if (!first) {
-        first = err;
-        cancel.abort(err);
-      }
-      throw err;
-    });
-  const [t, b] = await Promise.allSettled([
-    leg(dialTarget(req.target, ctx.connectTimeout, ctx.policy, cancel.signal)),
-    leg(connectBack(req.reply, ctx.secureContext, ctx.connectTimeout, ctx.handshakeTimeout, cancel.signal)),
-  ]);
-  if (t.status === "rejected" || b.status === "rejected") {
-    if (t.status === "fulfilled") t.value.destroy();
-    if (b.status === "fulfilled") b.value.destroy();
-    const err = first as NatproxyError;
-    ctx.log.info(formatSession({ session: req.session, client: req.client, target, outcome: err.code ?? "ERROR", up: 0, down: 0, ms: Math.round(performance.now() - started), detail: err.message }));
+  const record = (outcome: string, up: number, down: number, detail?: string) =>
+    ctx.log.info(formatSession({ session: req.session, client: req.client, target, path: "connect-back", outcome, up, down, ms: Math.round(performance.now() - started), detail }));
+  // A connect-back that fails cancels the target; a target that fails before
+  // the connect-back is up cancels the connect-back. Either way the error is
+  // reported as soon as it is known, not after the other leg's timeout.
+  const cancelBack = new AbortController();
+  const cancelTarget = new AbortController();
+  let back: tls.TLSSocket | undefined;
+  const targetLeg = dialTarget(req.target, ctx.connectTimeout, ctx.policy, cancelTarget.signal).catch((err: NatproxyError) => {
+    if (!back) cancelBack.abort(err);
     throw err;
+  });
+  try {
+    back = ctx.sockets.add(await connectBack(req.reply, ctx.secureContext, ctx.connectTimeout, ctx.handshakeTimeout, cancelBack.signal));
+  } catch (err) {
+    const e = err as NatproxyError;
+    cancelTarget.abort(e);
+    void targetLeg.then((s) => s.destroy(), () => {});
+    record(e.code ?? "ERROR", 0, 0, e.message);
+    throw e;
   }
-  const targetSocket = ctx.sockets.add(t.value);
-  const back = ctx.sockets.add(b.value);
   back.write(encodeSession(req.session));
+  let targetSocket;
+  try {
+    targetSocket = ctx.sockets.add(await targetLeg);
+  } catch (err) {
+    const e = err as NatproxyError;
+    back.end(encodeResult({ code: e.code, message: e.message }));
+    record(e.code ?? "ERROR", 0, 0, e.message);
+    throw e;
+  }
   const targetAddress = formatHostPort(targetSocket.remoteAddress ?? "?", targetSocket.remotePort ?? 0);
+  back.write(encodeResult({ code: "OK", target_address: targetAddress }));
   void bridge(back, targetSocket, { idle: ctx.idleTimeout, fin: ctx.finTimeout }).then((stats) => {
     const outcome = stats.idle ? "idle-timeout" : stats.error ? `closed-by-${stats.error.side === "a" ? "local" : "target"}-error` : "ok";
-    ctx.log.info(
-      formatSession({
-        session: req.session,
-        client: req.client,
-        target,
-        outcome,
-        up: stats.aToB,
-        down: stats.bToA,
-        ms: Math.round(performance.now() - started),
-        detail: stats.error?.err.message,
-      }),
-    );
+    record(outcome, stats.aToB, stats.bToA, stats.error?.err.message);
   });
   return { targetAddress };
 }

@@ -50,6 +50,8 @@ export interface CoordinatorClient {
   openSession(body: { session: string; target: HostPort; reply: HostPort }, signal: AbortSignal): Promise<void>;
   /** Asks for one connect-back carrying `probe` (the start-up reachability check). */
   probe(body: { probe: string; reply: HostPort }, signal: AbortSignal): Promise<void>;
+  /** Destroys pooled idle connections (after a NAT lost its state, they are dead). */
+  dropIdleConnections(): void;
   close(): void;
 }
 
@@ -85,6 +87,9 @@ export function makeCoordinatorClient(opts: { url: URL; token: string; trust: Tr
     },
     probe: async (body, signal) => {
       await call("post", "/v1/probe", body, signal);
+    },
+    dropIdleConnections: () => {
+      for (const list of Object.values(agent.freeSockets)) for (const socket of list ?? []) socket.destroy();
     },
     close: () => agent.destroy(),
   };

@@ -60,12 +60,26 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
   // mapping moved or the reporter came back) the connect-back is probed
   // again, so the path follows what the network allows now.
   let probing: Promise<void> | undefined;
-  tunnelService.on("ready", (state) => {
-    probing = probeConnectBack(coordinator, sessions, state, config.probe_timeout).then((probe) => {
-      if (tunnelService.state === state) paths.probed(describeReachability(state, probe, coordinatorHost), config.coordinatorUrl.origin);
+  let reprobeTimer: NodeJS.Timeout | undefined;
+  const probe = (state: TunnelState) => {
+    clearTimeout(reprobeTimer);
+    probing = probeConnectBack(coordinator, sessions, state, config.probe_timeout).then((result) => {
+      if (tunnelService.state !== state) return;
+      paths.probed(describeReachability(state, result, coordinatorHost), config.coordinatorUrl.origin);
+      // A NAT or firewall may open up later (or the API was briefly out of
+      // reach): an auto proxy on the outbound path keeps asking, cheaply.
+      if (!result.ok && config.tunnel === "auto") reprobeTimer = setTimeout(() => tunnelService.state === state && probe(state), config.probe_interval);
     });
+  };
+  tunnelService.on("ready", probe);
+  tunnelService.on("down", (err) => {
+    clearTimeout(reprobeTimer);
+    paths.tunnelDown(err.message);
+    // Whatever broke the reporter link (a NAT that rebooted or forgot its
+    // state, a new address) has broken pooled API connections too; they would
+    // swallow the next requests until TCP gave up on them, minutes later.
+    coordinator.dropIdleConnections();
   });
-  tunnelService.on("down", (err) => paths.tunnelDown(err.message));
   const starting = config.tunnel === "outbound" ? Promise.resolve(false) : tunnelService.start();
   await Promise.all([starting, checking]);
   await probing;
@@ -108,6 +122,7 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
     tunnelService,
     close() {
       closing ??= (async () => {
+        clearTimeout(reprobeTimer);
         const stopped = closeServer(server);
         sessions.failAll(new NatproxyError("SHUTTING_DOWN"));
         await tunnelService.close();

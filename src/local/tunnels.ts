@@ -4,7 +4,7 @@ import type { TLSSocket } from "node:tls";
 import type { ConsolaInstance } from "consola";
 import { v4 as uuidv4 } from "uuid";
 import { formatHostPort, type HostPort } from "../address.ts";
-import { NatproxyError } from "../errors.ts";
+import { NatproxyError, isErrorCode } from "../errors.ts";
 import { formatSession } from "../request-log.ts";
 import type { SocketRegistry } from "../sockets.ts";
 import type { CoordinatorClient } from "./coordinator-client.ts";
@@ -12,7 +12,7 @@ import type { SessionTable } from "./sessions.ts";
 import type { OutboundDialer } from "./outbound.ts";
 import { isConnectBackFailure, type PathChooser, type TunnelPath } from "./path.ts";
 import type { TunnelState } from "./tunnel-service.ts";
-import { SESSION_MESSAGE_SIZE } from "../wire.ts";
+import { HEADER_SIZE, readMessage, resultOf, SESSION_MESSAGE_SIZE } from "../wire.ts";
 
 export interface Tunnel {
   socket: TLSSocket;
@@ -60,7 +60,8 @@ export async function openTunnel(opts: TunnelOpenerOptions, target: HostPort, si
  * The specification's normal workflow for one session: a fresh id in the
  * table, the request to the coordinator, then wait for its connect-back
  * carrying that id. The first of "connect-back arrived", "the coordinator
- * answered with an error" and "connect_timeout passed" decides.
+ * answered with an error" and "connect_timeout passed" decides; once the
+ * connect-back is here, its Result message says whether the target answered.
  */
 async function openConnectBack(opts: TunnelOpenerOptions, target: HostPort, started: number, signal?: AbortSignal): Promise<Tunnel> {
   const state = opts.tunnelState();
@@ -71,15 +72,50 @@ async function openConnectBack(opts: TunnelOpenerOptions, target: HostPort, star
   const onCallerAbort = () => opts.sessions.fail(session, new NatproxyError("BAD_REQUEST", "the browser went away"));
   signal?.addEventListener("abort", onCallerAbort, { once: true });
   opts.coordinator.openSession({ session, target, reply: state.publicAddress }, abort.signal).catch((err: Error) => opts.sessions.fail(session, err));
+  let socket: TLSSocket;
   try {
-    const socket = await arrival;
-    opts.sockets.add(socket);
-    return { socket, session, started, path: "connect-back", overhead: SESSION_MESSAGE_SIZE, sentOverhead: 0 };
+    socket = await arrival;
+  } catch (err) {
+    // Ends the API call if it is still waiting (timeout or browser gone). On
+    // success it is left to finish: aborting it would cost the API's
+    // keep-alive connection.
+    abort.abort(err);
+    throw err;
   } finally {
     signal?.removeEventListener("abort", onCallerAbort);
-    // Ends the API call if it is still waiting (timeout or browser gone);
-    // after success it is a no-op, the answer has arrived or will be ignored.
-    abort.abort(new NatproxyError("CONNECT_BACK_TIMEOUT", `no connect-back within ${opts.connectTimeout} ms`));
+  }
+  opts.sockets.add(socket);
+  const result = await readResult(socket, opts.connectTimeout, target, signal);
+  return { socket, session, started, path: "connect-back", overhead: SESSION_MESSAGE_SIZE + result.size, sentOverhead: 0 };
+}
+
+/** The coordinator's word on the target, which follows the session id on a connect-back. */
+async function readResult(socket: TLSSocket, timeout: number, target: HostPort, signal?: AbortSignal): Promise<{ size: number }> {
+  let timedOut = false;
+  const timer = setTimeout(() => {
+    timedOut = true;
+    socket.destroy();
+  }, timeout);
+  const onAbort = () => socket.destroy();
+  signal?.addEventListener("abort", onAbort, { once: true });
+  try {
+    const msg = await readMessage(socket);
+    const result = resultOf(msg);
+    if (result.code !== "OK") {
+      const e = new NatproxyError(isErrorCode(result.code) ? result.code : "COORDINATOR_REFUSED");
+      if (result.message) e.message = result.message;
+      throw e;
+    }
+    return { size: HEADER_SIZE + msg.payload.length };
+  } catch (err) {
+    socket.destroy();
+    if (timedOut) throw new NatproxyError("TARGET_TIMEOUT", `${formatHostPort(target.host, target.port)}: the coordinator had no answer from it within ${timeout} ms`);
+    if (err instanceof NatproxyError) throw err;
+    if (signal?.aborted) throw new NatproxyError("BAD_REQUEST", "the browser went away");
+    throw new NatproxyError("COORDINATOR_REFUSED", `connect-back: ${(err as Error).message}`);
+  } finally {
+    clearTimeout(timer);
+    signal?.removeEventListener("abort", onAbort);
   }
 }
 

@@ -1,3 +1,4 @@
+import { X509Certificate } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { isIP } from "node:net";
 import tls, { type TLSSocket } from "node:tls";
@@ -42,7 +43,21 @@ export function tlsClientOptions(t: Trust): tls.ConnectionOptions {
     servername: isIP(t.hostname) ? undefined : t.hostname,
     ca: t.ca,
     minVersion: "TLSv1.2",
+    checkServerIdentity,
   };
+}
+
+/**
+ * Node 22.23's tls.checkServerIdentity never matches an IPv6 literal against
+ * the certificate's IP addresses (it runs the host through domainToASCII,
+ * which returns "" for it; nodejs/node#64032), so a coordinator reached as
+ * https://[2001:db8::20]:8443 would always be refused. OpenSSL's own IP check
+ * decides for IPv6 literals; everything else keeps Node's rules.
+ */
+export function checkServerIdentity(host: string, cert: tls.PeerCertificate): Error | undefined {
+  if (isIP(host) !== 6) return tls.checkServerIdentity(host, cert);
+  if (cert.raw && new X509Certificate(cert.raw).checkIP(host)) return undefined;
+  return Object.assign(new Error(`IP: ${host} is not in the cert's list: ${cert.subjectaltname ?? ""}`), { code: "ERR_TLS_CERT_ALTNAME_INVALID", reason: "IP mismatch", host, cert });
 }
 
 // OpenSSL's codes, said the way a user can act on them.
