@@ -48,6 +48,7 @@ const localSchema = z.strictObject({
   tunnel: z.enum(["auto", "connect-back", "outbound"]).default("auto"),
   probe_timeout: ms(3_000),
   probe_interval: ms(60_000),
+  connect_back_grace: ms(1_500),
   reporter_timeout: ms(5_000),
   reporter_retries: count(5, 1000),
   retry_delay: ms(500),

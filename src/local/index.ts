@@ -60,33 +60,41 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
   // mapping moved or the reporter came back) the connect-back is probed
   // again, so the path follows what the network allows now.
   let probing: Promise<void> | undefined;
-  let reprobeTimer: NodeJS.Timeout | undefined;
   const probe = (state: TunnelState) => {
-    clearTimeout(reprobeTimer);
     probing = probeConnectBack(coordinator, sessions, state, config.probe_timeout).then((result) => {
-      if (tunnelService.state !== state) return;
-      paths.probed(describeReachability(state, result, coordinatorHost), config.coordinatorUrl.origin);
-      // A NAT or firewall may open up later (or the API was briefly out of
-      // reach): an auto proxy on the outbound path keeps asking, cheaply.
-      if (!result.ok && config.tunnel === "auto") reprobeTimer = setTimeout(() => tunnelService.state === state && probe(state), config.probe_interval);
+      if (tunnelService.state === state) paths.probed(describeReachability(state, result, coordinatorHost), config.coordinatorUrl.origin);
     });
+    return probing;
   };
   tunnelService.on("ready", probe);
   tunnelService.on("down", (err) => {
-    clearTimeout(reprobeTimer);
     paths.tunnelDown(err.message);
     // Whatever broke the reporter link (a NAT that rebooted or forgot its
     // state, a new address) has broken pooled API connections too; they would
     // swallow the next requests until TCP gave up on them, minutes later.
     coordinator.dropIdleConnections();
   });
+  // An auto proxy on the outbound path keeps asking whether connect-back
+  // works again (a NAT or firewall that opened up, a coordinator briefly out
+  // of reach): one API call and one connection per probe_interval.
+  let reprobing = false;
+  const reprobe = setInterval(() => {
+    const state = tunnelService.state;
+    if (config.tunnel !== "auto" || paths.current() !== "outbound" || !state || reprobing) return;
+    reprobing = true;
+    void probe(state).finally(() => (reprobing = false));
+  }, config.probe_interval);
   const starting = config.tunnel === "outbound" ? Promise.resolve(false) : tunnelService.start();
   await Promise.all([starting, checking]);
   await probing;
   if (config.tunnel === "outbound") log.info(`tunnel path: outbound, each browser connection dials ${config.coordinatorUrl.origin} over TLS, because [local] tunnel = "outbound"`);
   else if (!tunnelService.state && config.tunnel === "auto") log.info(`tunnel path: outbound until the reporter answers (no public address yet)`);
 
-  const tunnels = { sessions, coordinator, outbound, paths, tunnelState: () => tunnelService.state, connectTimeout: config.connect_timeout, sockets };
+  const tunnels = { sessions, coordinator, outbound, paths, tunnelState: () => tunnelService.state, connectTimeout: config.connect_timeout,
+    // A connect-back takes a few round trips; the probe measured them.
+    connectBackGrace: () => Math.max(config.connect_back_grace, 4 * (paths.reachability?.probe.ms ?? 0)),
+    sockets,
+  };
   const agent = new TunnelAgent(tunnels, log, config.pool_idle_timeout);
   const ctx: HandlerContext = { authorize: makeProxyAuth(config.users), tunnels, agent, sockets, log, bridgeTimeouts: { idle: config.session_idle_timeout, fin: config.fin_timeout } };
   const server = http.createServer({
@@ -108,7 +116,19 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
     else if (socket.writable) socket.end("HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n");
     else socket.destroy();
   });
-  const [proxyAddress] = await listen(server, config.listen);
+  let proxyAddress: AddressInfo;
+  try {
+    [proxyAddress] = await listen(server, config.listen);
+  } catch (err) {
+    // Nothing may outlive a start that failed: timers, the reporter link, pools.
+    clearInterval(reprobe);
+    sessions.failAll(new NatproxyError("SHUTTING_DOWN"));
+    await tunnelService.close();
+    agent.destroy();
+    coordinator.close();
+    sockets.destroyAll();
+    throw err;
+  }
   log.info(`HTTP proxy listening on ${formatHostPort(proxyAddress.address, proxyAddress.port)}${config.users.length ? ` (proxy authentication required, ${config.users.length} user(s))` : ""}`);
 
   let closing: Promise<void> | undefined;
@@ -122,7 +142,7 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
     tunnelService,
     close() {
       closing ??= (async () => {
-        clearTimeout(reprobeTimer);
+        clearInterval(reprobe);
         const stopped = closeServer(server);
         sessions.failAll(new NatproxyError("SHUTTING_DOWN"));
         await tunnelService.close();

@@ -32,28 +32,87 @@ export interface TunnelOpenerOptions {
   paths: PathChooser;
   tunnelState: () => TunnelState | undefined;
   connectTimeout: number;
+  /** With `auto`: how long a connect-back may take before the outbound path is tried beside it. */
+  connectBackGrace: () => number;
   sockets: SocketRegistry;
 }
 
 /**
  * Opens one session's tunnel on the path the chooser names. With `auto`, a
- * connect-back that fails is retried at once on the outbound path (the
- * browser is still waiting), and later sessions go outbound too.
+ * connect-back that has not arrived within the grace period gets an outbound
+ * attempt beside it, and the first tunnel up wins: a NAT that just forgot its
+ * mapping costs the browser a moment, not a timeout. A connect-back that
+ * fails, or loses that race, switches later sessions to outbound at once.
  */
 export async function openTunnel(opts: TunnelOpenerOptions, target: HostPort, signal?: AbortSignal): Promise<Tunnel> {
   const started = performance.now();
-  if (opts.paths.current() === "connect-back") {
-    try {
-      return await openConnectBack(opts, target, started, signal);
-    } catch (err) {
-      if (opts.paths.mode !== "auto" || !isConnectBackFailure(err) || signal?.aborted) throw err;
-      opts.paths.connectBackFailed(err);
-    }
-  }
+  if (opts.paths.current() !== "connect-back") return openOutbound(opts, target, started, signal);
+  if (opts.paths.mode !== "auto") return openConnectBack(opts, target, started, signal);
+  return openHedged(opts, target, started, signal);
+}
+
+async function openOutbound(opts: TunnelOpenerOptions, target: HostPort, started: number, signal?: AbortSignal): Promise<Tunnel> {
   const session = uuidv4();
   const t = await opts.outbound.open(session, target, signal);
   opts.sockets.add(t.socket);
   return { socket: t.socket, session, started, path: "outbound", overhead: t.overhead, sentOverhead: t.sentOverhead };
+}
+
+function openHedged(opts: TunnelOpenerOptions, target: HostPort, started: number, signal?: AbortSignal): Promise<Tunnel> {
+  return new Promise((resolve, reject) => {
+    const cancelBack = new AbortController();
+    const cancelOut = new AbortController();
+    const either = (c: AbortController) => (signal ? AbortSignal.any([signal, c.signal]) : c.signal);
+    let settled = false;
+    let backError: NatproxyError | undefined;
+    let outError: unknown;
+    let outState: "idle" | "running" | "failed" = "idle";
+    const grace = opts.connectBackGrace();
+    const settle = (err: unknown, t?: Tunnel) => {
+      if (settled) {
+        t?.socket.destroy();
+        return;
+      }
+      settled = true;
+      clearTimeout(timer);
+      cancelBack.abort(new NatproxyError("BAD_REQUEST", "another path won"));
+      cancelOut.abort(new NatproxyError("BAD_REQUEST", "another path won"));
+      if (t) resolve(t);
+      else reject(err);
+    };
+    const startOutbound = () => {
+      if (settled || outState !== "idle") return;
+      outState = "running";
+      openOutbound(opts, target, started, either(cancelOut)).then(
+        (t) => {
+          // Outbound first while the connect-back still has not come: from
+          // here on connect-back is suspect; the next probe decides again.
+          if (!backError && !settled) opts.paths.connectBackFailed(new NatproxyError("CONNECT_BACK_TIMEOUT", `none within ${grace} ms, while the outbound path answered`));
+          settle(undefined, t);
+        },
+        (err: unknown) => {
+          outState = "failed";
+          outError = err;
+          if (backError) settle(isConnectBackFailure(backError) ? err : backError);
+        },
+      );
+    };
+    const timer = setTimeout(startOutbound, grace);
+    openConnectBack(opts, target, started, either(cancelBack)).then(
+      (t) => settle(undefined, t),
+      (err: NatproxyError) => {
+        backError = err;
+        if (settled) return;
+        if (signal?.aborted) return settle(err);
+        // The target itself failed (refused, unknown, forbidden): another
+        // path would meet the same answer, so it is the browser's answer.
+        if (!isConnectBackFailure(err)) return settle(err);
+        opts.paths.connectBackFailed(err);
+        if (outState === "failed") return settle(outError);
+        startOutbound();
+      },
+    );
+  });
 }
 
 /**
