@@ -116,6 +116,26 @@ describe("natproxy in the NAT lab", { skip: unavailable ? `NAT lab unavailable: 
     }
   }
 
+  test("natproxy local --check on the LAN host names the NAT behaviour and the path, with exit code 0", async () => {
+    for (const [nat, want, verdict] of [
+      ["port-restricted", "outbound", /connect-back: +blocked: [\s\S]*NAT: +behind a NAT \(port \d+ kept\) that drops connections this machine did not open/],
+      ["full-cone", "connect-back", /connect-back: +ok, the coordinator connected back in \d+ ms\nNAT: +behind a full-cone NAT/],
+    ] as const) {
+      await lab.setNat(nat);
+      const np = await start({ localHosts: [] });
+      try {
+        const r = await lab.exec("lan", [NODE, path.join(root, "src/cli.ts"), "local", "-c", path.join(np.dir, "natproxy.toml"), "--check"], { timeoutMs: 30_000 });
+        assert.equal(r.code, 0, r.stdout + r.stderr);
+        assert.match(r.stdout, new RegExp(`public address ${lab.rtr.ip4.replace(/\./g, "\\.")}:\\d+, seen from local ${lab.lan.ip4.replace(/\./g, "\\.")}:\\d+`));
+        assert.match(r.stdout, verdict);
+        assert.match(r.stdout, new RegExp(`tunnel path: +${want} \\(auto`));
+        assert.match(r.stdout, /result: +OK/);
+      } finally {
+        await np.close();
+      }
+    }
+  });
+
   test("IPv6 across the lab: coordinator, reporter and site reached over IPv6, through NAT66", async () => {
     await lab.setNat("full-cone");
     const v6 = { [WWW]: lab.web.ip6, [MEDIA]: lab.web.ip6 };
