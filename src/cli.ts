@@ -13,7 +13,7 @@ import { VERSION } from "./version.ts";
 
 interface Running {
   name: string;
-  close(): Promise<void>;
+  close(opts?: { graceMs?: number }): Promise<void>;
 }
 
 type Flags = Record<string, unknown>;
@@ -59,7 +59,7 @@ function reporterOverrides(f: Flags): ConfigInput {
 async function startRole(role: Role, cfg: ResolvedConfig): Promise<Running[]> {
   if (role === "local") {
     const l = await startLocal(cfg.local);
-    return [{ name: "local proxy", close: () => l.close() }];
+    return [{ name: "local proxy", close: (o) => l.close(o) }];
   }
   if (role === "reporter") {
     const r = await startReporter(cfg.reporter);
@@ -68,7 +68,7 @@ async function startRole(role: Role, cfg: ResolvedConfig): Promise<Running[]> {
   const running: Running[] = [];
   try {
     const c = await startCoordinator(cfg.coordinator);
-    running.push({ name: "coordinator", close: () => c.close() });
+    running.push({ name: "coordinator", close: (o) => c.close(o) });
     // The specification allows reporter and coordinator in one process; it
     // also gives address-restricted NATs a path in (same IP as the reporter).
     if (cfg.coordinator.reporter) {
@@ -93,7 +93,9 @@ async function run(role: Role, flags: Flags, overrides: ConfigInput): Promise<vo
     process.stdout.write(`${report.lines.join("\n")}\n`);
     process.exit(report.ok ? 0 : 1);
   }
-  const running = await startRole(role, cfg);
+  // Handlers first: a signal that arrives while a role is still starting
+  // must shut down what has started, not kill the process mid-way.
+  let running: Running[] = [];
   let stopping = false;
   const stop = (signal: NodeJS.Signals) => {
     if (stopping) {
@@ -101,11 +103,16 @@ async function run(role: Role, flags: Flags, overrides: ConfigInput): Promise<vo
       process.exit(130);
     }
     stopping = true;
-    log.info(`${signal}: shutting down`);
-    Promise.allSettled(running.map((r) => r.close())).then(() => process.exit(0));
+    // Stop accepting at once, let live tunnels finish up to shutdown_timeout,
+    // then cut what is left; a second signal cuts at once.
+    log.info(`${signal}: shutting down (live tunnels get up to ${cfg.shutdown_timeout} ms; ${signal} again to stop now)`);
+    Promise.allSettled(running.map((r) => r.close({ graceMs: cfg.shutdown_timeout }))).then(() => process.exit(0));
   };
   process.on("SIGINT", stop);
   process.on("SIGTERM", stop);
+  const started = await startRole(role, cfg);
+  running = started;
+  if (stopping) await Promise.allSettled(started.map((r) => r.close())).then(() => process.exit(0));
 }
 
 async function main(argv: string[]): Promise<void> {

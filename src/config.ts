@@ -57,6 +57,7 @@ const localSchema = z.strictObject({
   fin_timeout: ms(30_000),
   pool_idle_timeout: ms(30_000),
   max_header_size: z.number().int().min(1024).max(1_048_576).default(65_536),
+  max_pending: z.number().int().min(1).max(100_000).default(256),
   users: z.array(z.string()).default([]),
 });
 
@@ -67,6 +68,8 @@ const coordinatorSchema = z.strictObject({
   tokens: z.array(z.string()).default([]),
   reporter: z.boolean().default(false),
   connect_back: z.enum(["same-ip", "any"]).default("same-ip"),
+  max_sessions: z.number().int().min(1).max(1_000_000).default(4096),
+  max_sessions_per_token: z.number().int().min(1).max(1_000_000).default(1024),
   allow_targets: z.array(z.string()).default([]),
   deny_targets: z.array(z.string()).default([]),
   connect_timeout: ms(10_000),
@@ -85,6 +88,7 @@ const reporterSchema = z.strictObject({
 
 const fileSchema = z.strictObject({
   log_level: z.enum(LOG_LEVELS).default("info"),
+  shutdown_timeout: ms(10_000),
   local: localSchema.default(() => localSchema.parse({})),
   coordinator: coordinatorSchema.default(() => coordinatorSchema.parse({})),
   reporter: reporterSchema.default(() => reporterSchema.parse({})),
@@ -121,6 +125,7 @@ export interface LoadOptions {
 
 export interface ResolvedConfig {
   log_level: Config["log_level"];
+  shutdown_timeout: number;
   local: LocalConfig;
   coordinator: CoordinatorConfig;
   reporter: ReporterConfig;
@@ -161,7 +166,7 @@ export function resolveConfig(raw: unknown, role: Role | "any", source = "config
   const local = checkLocal(cfg.local, role === "local", problems);
   if (role === "coordinator") checkCoordinator(cfg.coordinator, problems);
   if (problems.length > 0) throw new ConfigError(source, problems);
-  return { log_level: cfg.log_level, local, coordinator: cfg.coordinator, reporter: cfg.reporter };
+  return { log_level: cfg.log_level, shutdown_timeout: cfg.shutdown_timeout, local, coordinator: cfg.coordinator, reporter: cfg.reporter };
 }
 
 function applyEnv(raw: Record<string, unknown>, env: NodeJS.ProcessEnv, problems: string[]): void {

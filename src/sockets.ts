@@ -6,12 +6,31 @@ import type { Duplex } from "node:stream";
  */
 export class SocketRegistry {
   readonly #live = new Set<Duplex>();
+  readonly #emptyWaiters = new Set<() => void>();
 
   add<T extends Duplex>(socket: T): T {
     if (socket.destroyed) return socket;
     this.#live.add(socket);
-    socket.once("close", () => this.#live.delete(socket));
+    socket.once("close", () => {
+      this.#live.delete(socket);
+      if (this.#live.size === 0) for (const w of this.#emptyWaiters) w();
+    });
     return socket;
+  }
+
+  /** Resolves once no socket is left, or after `ms`, whichever comes first; true if empty. */
+  whenEmpty(ms: number): Promise<boolean> {
+    if (this.#live.size === 0) return Promise.resolve(true);
+    return new Promise((resolve) => {
+      const done = (empty: boolean) => {
+        clearTimeout(timer);
+        this.#emptyWaiters.delete(onEmpty);
+        resolve(empty);
+      };
+      const onEmpty = () => done(true);
+      const timer = setTimeout(() => done(false), ms);
+      this.#emptyWaiters.add(onEmpty);
+    });
   }
 
   get size(): number {

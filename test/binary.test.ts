@@ -103,7 +103,7 @@ describe("the packaged binary", { skip }, () => {
 
     // One line per session on both sides.
     await local.p.waitFor(/session=[0-9a-f-]{36} client=\S+ target=localhost:\d+ path=connect-back outcome=ok up=\d+ down=\d+ ms=\d+/, 5000);
-    await coord.p.waitFor(/session=[0-9a-f-]{36} client=\S+ target=127\.0\.0\.1:\d+ outcome=ok up=\d+ down=\d+/, 5000);
+    await coord.p.waitFor(/session=[0-9a-f-]{36} client=\S+ target=127\.0\.0\.1:\d+ path=connect-back outcome=ok up=\d+ down=\d+/, 5000);
 
     for (const p of [local.p, coord.p, reporter.p]) assert.equal(await p.stop(), 0, "SIGTERM ends each role cleanly");
   });

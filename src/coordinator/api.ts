@@ -42,7 +42,8 @@ async function handle(ctx: ApiContext, req: IncomingMessage, res: ServerResponse
   if (!route) throw new NatproxyError("NOT_FOUND", `${req.method} ${path}`);
   // Authentication comes before anything else is looked at: an unauthenticated
   // peer learns nothing but 401.
-  if (ctx.checkToken(req.headers.authorization) === undefined) {
+  const token = ctx.checkToken(req.headers.authorization);
+  if (token === undefined) {
     res.setHeader("WWW-Authenticate", 'Bearer realm="natproxy"');
     throw new NatproxyError("UNAUTHORIZED");
   }
@@ -69,6 +70,7 @@ async function handle(ctx: ApiContext, req: IncomingMessage, res: ServerResponse
   const sessionReq = validateSession(body, peerOf(req));
   checkConnectBack(ctx, sessionReq.reply.host, sessionReq.client.host);
   const { targetAddress } = await ctx.openSession({
+    token,
     session: sessionReq.session,
     target: sessionReq.target,
     reply: sessionReq.reply,

@@ -9,6 +9,7 @@ import { createTargetPolicy } from "../target-policy.ts";
 import { generateCertificate, loadKeyPair, type KeyPair } from "../tls/certs.ts";
 import { apiHandler } from "./api.ts";
 import { makeTokenCheck } from "./auth.ts";
+import { SessionLimits } from "./limits.ts";
 import { upgradeHandler } from "./outbound.ts";
 import { openSession, probeConnectBack } from "./session.ts";
 
@@ -18,7 +19,10 @@ export interface Coordinator {
   fingerprint: string;
   /** Open sockets: API connections, targets and connect-backs (for leak checks). */
   liveSockets(): number;
-  close(): Promise<void>;
+  /** Tunnels holding a session slot (both paths). */
+  activeSessions(): number;
+  /** Stops accepting at once; with `graceMs`, live tunnels may finish for up to that long. */
+  close(opts?: { graceMs?: number }): Promise<void>;
 }
 
 export async function startCoordinator(config: CoordinatorConfig, opts: { keyPair?: KeyPair } = {}): Promise<Coordinator> {
@@ -35,6 +39,7 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
     idleTimeout: config.session_idle_timeout,
     finTimeout: config.fin_timeout,
     policy: createTargetPolicy({ allow: config.allow_targets, deny: config.deny_targets }),
+    limits: new SessionLimits(config.max_sessions, config.max_sessions_per_token),
     sockets,
     log,
   };
@@ -61,6 +66,7 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
     upgradeHandler({
       checkToken,
       policy: sessionCtx.policy,
+      limits: sessionCtx.limits,
       connectTimeout: config.connect_timeout,
       openTimeout: config.keep_alive_timeout,
       idleTimeout: config.session_idle_timeout,
@@ -80,8 +86,14 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
     addresses,
     fingerprint: keyPair.fingerprint,
     liveSockets: () => sockets.size,
-    async close() {
+    activeSessions: () => sessionCtx.limits.active,
+    async close(opts = {}) {
       const closing = closeServer(server);
+      server.closeIdleConnections();
+      if (opts.graceMs && sessionCtx.limits.active > 0) {
+        log.info(`waiting up to ${opts.graceMs} ms for ${sessionCtx.limits.active} tunnel(s) to finish`);
+        if (!(await sockets.whenEmpty(opts.graceMs))) log.warn(`cutting ${sockets.size} connection(s) still open after ${opts.graceMs} ms`);
+      }
       sockets.destroyAll();
       await closing;
     },

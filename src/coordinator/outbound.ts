@@ -11,6 +11,7 @@ import type { SocketRegistry } from "../sockets.ts";
 import type { TargetPolicy } from "../target-policy.ts";
 import { encodeResult, isSessionId, openOf, readMessage, type OpenRequest } from "../wire.ts";
 import { API, isTargetHost } from "./api.ts";
+import type { SessionLimits } from "./limits.ts";
 import { dialTarget } from "./dial.ts";
 
 /** The Upgrade token of the outbound path (PROTOCOL.md §4). */
@@ -19,6 +20,7 @@ export const TUNNEL_PROTOCOL = "natproxy-tunnel/1";
 export interface OutboundContext {
   checkToken(authorization: string | undefined): number | undefined;
   policy: TargetPolicy;
+  limits: SessionLimits;
   connectTimeout: number;
   /** How long an upgraded connection may wait for its Open message. */
   openTimeout: number;
@@ -45,7 +47,8 @@ export function upgradeHandler(ctx: OutboundContext) {
       return;
     }
     // As on the API: nothing but 401 for a peer without a valid token.
-    if (ctx.checkToken(req.headers.authorization) === undefined) {
+    const token = ctx.checkToken(req.headers.authorization);
+    if (token === undefined) {
       refuse(socket, new NatproxyError("UNAUTHORIZED"), { "WWW-Authenticate": 'Bearer realm="natproxy"' });
       return;
     }
@@ -69,7 +72,14 @@ export function upgradeHandler(ctx: OutboundContext) {
         if (!isTargetHost(open.target.host)) problems.push("target.host: expected a host name or IP address");
         if (open.target.port < 1) problems.push("target.port: expected 1-65535");
         if (problems.length) return fail(new NatproxyError("BAD_REQUEST", problems.join("; ")));
-        void serve(ctx, socket, open, client);
+        let release: () => void;
+        try {
+          release = ctx.limits.acquire(token);
+        } catch (err) {
+          ctx.log.warn(`outbound tunnel from ${client} refused: ${(err as Error).message}`);
+          return fail(err as NatproxyError);
+        }
+        void serve(ctx, socket, open, client).finally(release);
       },
       (err: Error) => {
         ctx.log.debug(`outbound tunnel from ${client}: ${err.message}`);

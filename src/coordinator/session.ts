@@ -6,10 +6,13 @@ import { NatproxyError } from "../errors.ts";
 import { formatSession } from "../request-log.ts";
 import type { SocketRegistry } from "../sockets.ts";
 import type { TargetPolicy } from "../target-policy.ts";
+import type { SessionLimits } from "./limits.ts";
 import { encodeResult, encodeSession } from "../wire.ts";
 import { connectBack, dialTarget } from "./dial.ts";
 
 export interface SessionRequest {
+  /** Index of the token that authenticated the request (for per-token limits). */
+  token: number;
   session: string;
   target: HostPort;
   reply: HostPort;
@@ -23,6 +26,7 @@ export interface SessionContext {
   idleTimeout: number;
   finTimeout: number;
   policy: TargetPolicy;
+  limits: SessionLimits;
   sockets: SocketRegistry;
   log: ConsolaInstance;
 }
@@ -40,6 +44,15 @@ export async function openSession(req: SessionRequest, ctx: SessionContext): Pro
   const target = formatHostPort(req.target.host, req.target.port);
   const record = (outcome: string, up: number, down: number, detail?: string) =>
     ctx.log.info(formatSession({ session: req.session, client: req.client, target, path: "connect-back", outcome, up, down, ms: Math.round(performance.now() - started), detail }));
+  let release: () => void;
+  try {
+    release = ctx.limits.acquire(req.token);
+  } catch (err) {
+    const e = err as NatproxyError;
+    ctx.log.warn(`session ${req.session} from ${req.client} refused: ${e.message}`);
+    record(e.code, 0, 0, e.message);
+    throw e;
+  }
   // A connect-back that fails cancels the target; a target that fails before
   // the connect-back is up cancels the connect-back. Either way the error is
   // reported as soon as it is known, not after the other leg's timeout.
@@ -56,6 +69,7 @@ export async function openSession(req: SessionRequest, ctx: SessionContext): Pro
     const e = err as NatproxyError;
     cancelTarget.abort(e);
     void targetLeg.then((s) => s.destroy(), () => {});
+    release();
     record(e.code ?? "ERROR", 0, 0, e.message);
     throw e;
   }
@@ -66,12 +80,14 @@ export async function openSession(req: SessionRequest, ctx: SessionContext): Pro
   } catch (err) {
     const e = err as NatproxyError;
     back.end(encodeResult({ code: e.code, message: e.message }));
+    release();
     record(e.code ?? "ERROR", 0, 0, e.message);
     throw e;
   }
   const targetAddress = formatHostPort(targetSocket.remoteAddress ?? "?", targetSocket.remotePort ?? 0);
   back.write(encodeResult({ code: "OK", target_address: targetAddress }));
   void bridge(back, targetSocket, { idle: ctx.idleTimeout, fin: ctx.finTimeout }).then((stats) => {
+    release();
     const outcome = stats.idle ? "idle-timeout" : stats.error ? `closed-by-${stats.error.side === "a" ? "local" : "target"}-error` : "ok";
     record(outcome, stats.aToB, stats.bToA, stats.error?.err.message);
   });

@@ -30,9 +30,15 @@ export interface Local {
   reachability(): Reachability | undefined;
   /** Sessions waiting for their connect-back (for tests and leak checks). */
   pendingSessions(): number;
+  /** Browser connections waiting for a tunnel, on either path. */
+  openingTunnels(): number;
   liveSockets(): number;
   tunnelService: TunnelService;
-  close(): Promise<void>;
+  /**
+   * Stops accepting at once; with `graceMs`, live tunnels may finish for up
+   * to that long before everything is cut.
+   */
+  close(opts?: { graceMs?: number }): Promise<void>;
 }
 
 export async function startLocal(config: LocalConfig): Promise<Local> {
@@ -93,6 +99,8 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
   const tunnels = { sessions, coordinator, outbound, paths, tunnelState: () => tunnelService.state, connectTimeout: config.connect_timeout,
     // A connect-back takes a few round trips; the probe measured them.
     connectBackGrace: () => Math.max(config.connect_back_grace, 4 * (paths.reachability?.probe.ms ?? 0)),
+    opening: { count: 0 },
+    maxPending: config.max_pending,
     sockets,
   };
   const agent = new TunnelAgent(tunnels, log, config.pool_idle_timeout);
@@ -138,14 +146,23 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
     path: () => paths.current(),
     reachability: () => paths.reachability,
     pendingSessions: () => sessions.size,
+    openingTunnels: () => tunnels.opening.count,
     liveSockets: () => sockets.size,
     tunnelService,
-    close() {
+    close(opts = {}) {
       closing ??= (async () => {
         clearInterval(reprobe);
         const stopped = closeServer(server);
+        server.closeIdleConnections();
         sessions.failAll(new NatproxyError("SHUTTING_DOWN"));
         await tunnelService.close();
+        // Idle pooled tunnels are not "live"; browsers mid-transfer are.
+        for (const list of Object.values(agent.freeSockets)) for (const socket of list ?? []) socket.destroy();
+        if (opts.graceMs) {
+          const live = sockets.size;
+          if (live) log.info(`waiting up to ${opts.graceMs} ms for ${live} open connection(s) to finish`);
+          if (!(await sockets.whenEmpty(opts.graceMs))) log.warn(`cutting ${sockets.size} connection(s) still open after ${opts.graceMs} ms`);
+        }
         agent.destroy();
         coordinator.close();
         sockets.destroyAll();

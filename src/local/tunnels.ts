@@ -34,6 +34,9 @@ export interface TunnelOpenerOptions {
   connectTimeout: number;
   /** With `auto`: how long a connect-back may take before the outbound path is tried beside it. */
   connectBackGrace: () => number;
+  /** Tunnels being opened right now, and how many may be at once. */
+  opening: { count: number };
+  maxPending: number;
   sockets: SocketRegistry;
 }
 
@@ -45,10 +48,20 @@ export interface TunnelOpenerOptions {
  * fails, or loses that race, switches later sessions to outbound at once.
  */
 export async function openTunnel(opts: TunnelOpenerOptions, target: HostPort, signal?: AbortSignal): Promise<Tunnel> {
-  const started = performance.now();
-  if (opts.paths.current() !== "connect-back") return openOutbound(opts, target, started, signal);
-  if (opts.paths.mode !== "auto") return openConnectBack(opts, target, started, signal);
-  return openHedged(opts, target, started, signal);
+  // A flood of browser connections (or a stuck coordinator) must not pile up
+  // sockets and session-table entries without bound.
+  if (opts.opening.count >= opts.maxPending) {
+    throw new NatproxyError("TOO_MANY", `${opts.maxPending} browser connections are already waiting for a tunnel ([local] max_pending)`);
+  }
+  opts.opening.count++;
+  try {
+    const started = performance.now();
+    if (opts.paths.current() !== "connect-back") return await openOutbound(opts, target, started, signal);
+    if (opts.paths.mode !== "auto") return await openConnectBack(opts, target, started, signal);
+    return await openHedged(opts, target, started, signal);
+  } finally {
+    opts.opening.count--;
+  }
 }
 
 async function openOutbound(opts: TunnelOpenerOptions, target: HostPort, started: number, signal?: AbortSignal): Promise<Tunnel> {

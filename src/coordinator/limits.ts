@@ -1,0 +1,40 @@
+import { NatproxyError } from "../errors.ts";
+
+/**
+ * Concurrent tunnels, in all and per token, over both paths. A slot is taken
+ * before anything is dialled and given back exactly once, however the tunnel
+ * ends, so one token (or one leaked credential) cannot take the whole box.
+ */
+export class SessionLimits {
+  readonly #max: number;
+  readonly #perToken: number;
+  readonly #byToken = new Map<number, number>();
+  #total = 0;
+
+  constructor(max: number, perToken: number) {
+    this.#max = max;
+    this.#perToken = perToken;
+  }
+
+  get active(): number {
+    return this.#total;
+  }
+
+  /** A release function, or a TOO_MANY error that says which limit was hit. */
+  acquire(token: number): () => void {
+    const mine = this.#byToken.get(token) ?? 0;
+    if (this.#total >= this.#max) throw new NatproxyError("TOO_MANY", `the coordinator carries its limit of ${this.#max} tunnels ([coordinator] max_sessions)`);
+    if (mine >= this.#perToken) throw new NatproxyError("TOO_MANY", `this token has its limit of ${this.#perToken} tunnels open ([coordinator] max_sessions_per_token)`);
+    this.#total++;
+    this.#byToken.set(token, mine + 1);
+    let released = false;
+    return () => {
+      if (released) return;
+      released = true;
+      this.#total--;
+      const left = (this.#byToken.get(token) ?? 1) - 1;
+      if (left === 0) this.#byToken.delete(token);
+      else this.#byToken.set(token, left);
+    };
+  }
+}

@@ -1,0 +1,125 @@
+import assert from "node:assert/strict";
+import https from "node:https";
+import type { AddressInfo } from "node:net";
+import { after, before, describe, test } from "node:test";
+import { resolveConfig } from "../src/config.ts";
+import { startCoordinator, type Coordinator } from "../src/coordinator/index.ts";
+import { startLocal, type Local } from "../src/local/index.ts";
+import { startReporter, type ReporterHandle } from "../src/reporter.ts";
+import { connectThrough } from "./helpers/client.ts";
+import { testPki, type TestPki } from "./helpers/pki.ts";
+import { LOOPBACK_TARGETS, TOKEN } from "./helpers/stack.ts";
+import { startHttpTarget, type Target } from "./helpers/targets.ts";
+import { waitUntil } from "./helpers/wait.ts";
+
+// Limits answer with a status and a reason, free their slot when a tunnel
+// ends, and leave everything else serving.
+
+const TOKEN_B = "second-token-0123456789abcdef";
+
+let pki: TestPki;
+let reporter: ReporterHandle;
+let web: Target;
+
+before(async () => {
+  pki = await testPki();
+  reporter = await startReporter(resolveConfig({ reporter: { listen: "127.0.0.1:0" } }, "reporter").reporter);
+  web = await startHttpTarget();
+});
+after(async () => {
+  await reporter?.close();
+  await web?.close();
+});
+
+function startLocalWith(port: number, token: string, extra: Record<string, unknown>): Promise<Local> {
+  return startLocal(
+    resolveConfig(
+      {
+        local: {
+          listen: "127.0.0.1:0",
+          coordinator: `https://localhost:${port}`,
+          token,
+          reporter: `127.0.0.1:${reporter.addresses[0].port}`,
+          ca: pki.caFile,
+          reporter_retries: 0,
+          connect_timeout: 3000,
+          ...extra,
+        },
+      },
+      "local",
+    ).local,
+  );
+}
+
+for (const path of ["connect-back", "outbound"] as const) {
+  describe(`coordinator session limits (${path} path)`, () => {
+    let coordinator: Coordinator;
+    before(async () => {
+      coordinator = await startCoordinator(
+        resolveConfig(
+          { coordinator: { listen: "127.0.0.1:0", cert: pki.combinedFile, tokens: [TOKEN, TOKEN_B], allow_targets: LOOPBACK_TARGETS, max_sessions: 3, max_sessions_per_token: 2 } },
+          "coordinator",
+        ).coordinator,
+      );
+    });
+    after(async () => coordinator?.close());
+
+    test("per token, then in all: 429 TOO_MANY naming the limit; a closed tunnel frees its slot", async () => {
+      const a = await startLocalWith(coordinator.addresses[0].port, TOKEN, { tunnel: path });
+      const b = await startLocalWith(coordinator.addresses[0].port, TOKEN_B, { tunnel: path });
+      const open: Awaited<ReturnType<typeof connectThrough>>[] = [];
+      try {
+        for (let i = 0; i < 2; i++) open.push(await connectThrough(a.proxyAddress.port, `127.0.0.1:${web.port}`));
+        assert.deepEqual(open.map((c) => c.status), [200, 200]);
+        const perToken = await connectThrough(a.proxyAddress.port, `127.0.0.1:${web.port}`);
+        assert.equal(perToken.status, 429);
+        assert.equal(perToken.headers["x-natproxy-error"], "TOO_MANY");
+        assert.match(perToken.body, /max_sessions_per_token/);
+        // The other token still has room, up to the global limit.
+        open.push(await connectThrough(b.proxyAddress.port, `127.0.0.1:${web.port}`));
+        assert.equal(open[2]?.status, 200);
+        const global = await connectThrough(b.proxyAddress.port, `127.0.0.1:${web.port}`);
+        assert.equal(global.status, 429);
+        assert.match(global.body, /max_sessions\)/);
+        assert.equal(coordinator.activeSessions(), 3);
+        open.shift()?.socket.destroy();
+        await waitUntil(() => coordinator.activeSessions() === 2, 3000, "the slot is given back");
+        const again = await connectThrough(a.proxyAddress.port, `127.0.0.1:${web.port}`);
+        assert.equal(again.status, 200);
+        open.push(again);
+      } finally {
+        for (const c of open) c.socket.destroy();
+        await a.close();
+        await b.close();
+      }
+      await waitUntil(() => coordinator.activeSessions() === 0, 3000, "every slot is free");
+    });
+  });
+}
+
+describe("local proxy pending limit", () => {
+  test("browser connections beyond max_pending waiting for a tunnel get 429 at once; the count returns to 0", async () => {
+    // An HTTPS server with the coordinator's certificate that takes every
+    // request and Upgrade and never answers: every tunnel stays pending.
+    const silent = https.createServer({ key: pki.server.key, cert: pki.server.cert }, (req) => req.resume());
+    silent.on("upgrade", () => {});
+    await new Promise<void>((r) => silent.listen(0, "127.0.0.1", r));
+    const local = await startLocalWith((silent.address() as AddressInfo).port, TOKEN, { tunnel: "outbound", max_pending: 2, connect_timeout: 1500 });
+    try {
+      const waiting = [connectThrough(local.proxyAddress.port, `127.0.0.1:${web.port}`), connectThrough(local.proxyAddress.port, `127.0.0.1:${web.port}`)];
+      await waitUntil(() => local.openingTunnels() === 2, 3000, "two tunnels pending");
+      const t0 = performance.now();
+      const third = await connectThrough(local.proxyAddress.port, `127.0.0.1:${web.port}`);
+      assert.equal(third.status, 429);
+      assert.match(third.body, /max_pending/);
+      assert.ok(performance.now() - t0 < 1000, "refused at once, not after a timeout");
+      const settled = await Promise.all(waiting);
+      assert.deepEqual(settled.map((c) => c.status), [502, 502]);
+      assert.equal(local.openingTunnels(), 0);
+    } finally {
+      await local.close();
+      silent.closeAllConnections();
+      silent.close();
+    }
+  });
+});
