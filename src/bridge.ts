@@ -49,6 +49,14 @@ export function bridge(a: Socketish, b: Socketish, timeouts: BridgeTimeouts): Pr
         stats.error ??= { side, err };
         to.destroy();
       });
+      // A half-close is passed on by pipe(); from then on the other direction
+      // gets `fin` ms to finish, as after a full close.
+      from.on("end", () => {
+        if (!oneClosed) {
+          oneClosed = true;
+          to.setTimeout?.(timeouts.fin);
+        }
+      });
       from.on("close", () => {
         // The partner is ended, not destroyed, so whatever it still has to
         // write is delivered; then it has `fin` ms to close its side.

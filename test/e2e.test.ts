@@ -66,6 +66,20 @@ describe(`end to end on loopback (${path} path): reporter, coordinator and local
     }
   });
 
+  test("a client that half-closes after its request (CONNECT) still gets the whole response", async () => {
+    const c = await connectThrough(stack.proxyPort, `127.0.0.1:${web.port}`);
+    assert.equal(c.status, 200);
+    const chunks: Buffer[] = [];
+    c.socket.on("data", (d: Buffer) => chunks.push(d));
+    c.socket.end(`GET /bytes/3000000 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`);
+    await new Promise((r) => c.socket.once("close", r));
+    const all = Buffer.concat(chunks);
+    const body = all.subarray(all.indexOf("\r\n\r\n") + 4);
+    assert.match(all.subarray(0, 20).toString(), /^HTTP\/1\.1 200 OK/);
+    assert.equal(body.length, 3_000_000);
+    assert.equal(createHash("sha256").update(body).digest("hex"), expectedSha256(3_000_000));
+  });
+
   test("plain HTTP GET arrives with its path and Host, and the response comes back", async () => {
     const r = await proxiedRequest(stack.proxyPort, `http://127.0.0.1:${web.port}/hello?x=1`);
     assert.equal(r.status, 200);

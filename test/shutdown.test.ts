@@ -35,7 +35,8 @@ for (const path of ["connect-back", "outbound"] as const) {
       assert.equal(await refused(stack.proxyPort), true, "the browser port stops accepting at once");
       let text = "";
       live.socket.on("data", (c: Buffer) => (text += c.toString()));
-      live.socket.write(`GET /during-shutdown HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`);
+      // Half-closed after the request, as `nc -N` would: the answer must still come.
+      live.socket.end(`GET /during-shutdown HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`);
       await once(live.socket, "close");
       assert.match(text, /^HTTP\/1\.1 200 OK/);
       assert.match(text, /"url":"\/during-shutdown"/);

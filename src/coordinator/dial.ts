@@ -17,7 +17,7 @@ export function dialTarget(target: HostPort, timeout: number, policy: TargetPoli
   const allowed = policy.connectOptions(target.host, target.port);
   if (!allowed.allowed) return Promise.reject(new NatproxyError("FORBIDDEN", allowed.reason));
   return new Promise((resolve, reject) => {
-    const socket = net.connect({ host: allowed.host, port: allowed.port, lookup: allowed.lookup, allowHalfOpen: false, noDelay: true });
+    const socket = net.connect({ host: allowed.host, port: allowed.port, lookup: allowed.lookup, allowHalfOpen: true, noDelay: true });
     const timer = setTimeout(() => fail(Object.assign(new Error("connect timed out"), { code: "ETIMEDOUT" })), timeout);
     const fail = (err: NodeJS.ErrnoException) => {
       clearTimeout(timer);
@@ -48,7 +48,7 @@ export function dialTarget(target: HostPort, timeout: number, policy: TargetPoli
 export function connectBack(reply: HostPort, secureContext: tls.SecureContext, connectTimeout: number, handshakeTimeout: number, signal: AbortSignal): Promise<tls.TLSSocket> {
   const name = formatHostPort(reply.host, reply.port);
   return new Promise((resolve, reject) => {
-    const raw = net.connect({ host: reply.host, port: reply.port, noDelay: true });
+    const raw = net.connect({ host: reply.host, port: reply.port, noDelay: true, allowHalfOpen: true });
     let secure: tls.TLSSocket | undefined;
     let timer = setTimeout(() => fail(new NatproxyError("CONNECT_BACK_TIMEOUT", `${name}: TCP connect timed out`)), connectTimeout);
     const fail = (err: NatproxyError) => {

@@ -45,6 +45,9 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
   };
   const server = https.createServer({
     ...tlsOptions,
+    // Tunnels pass a half-close on (a client that ends its side after the
+    // request still gets the whole answer); plain HTTP handles it itself.
+    allowHalfOpen: true,
     requestTimeout: config.request_timeout,
     headersTimeout: Math.min(config.request_timeout, config.handshake_timeout),
     keepAliveTimeout: config.keep_alive_timeout,

@@ -58,7 +58,8 @@ export class OutboundDialer {
     const port = Number(url.port || 443);
     return new Promise((resolve, reject) => {
       const offered = this.#tlsSession;
-      const socket = tls.connect({ ...tlsClientOptions(trust), port, session: offered });
+      // allowHalfOpen is honoured by tls.connect but missing from its types.
+      const socket = tls.connect({ ...tlsClientOptions(trust), port, session: offered, allowHalfOpen: true } as tls.ConnectionOptions);
       socket.setNoDelay(true);
       let verified = false;
       // Only tickets from a connection whose certificate passed our checks are

@@ -123,7 +123,7 @@ export class TunnelService extends EventEmitter<Events> {
       }
       // Connect from P first, then listen on P: the reverse order fails with
       // EADDRINUSE on Linux (NATLAB-NOTES Q3).
-      const server = net.createServer({ noDelay: true, pauseOnConnect: false });
+      const server = net.createServer({ noDelay: true, pauseOnConnect: false, allowHalfOpen: true });
       server.on("connection", (socket) => this.#onConnection(socket));
       server.on("error", (err) => this.#log.warn(`tunnel service: ${err.message}`));
       await listen(server, { host: "*", port: link.localPort });
@@ -183,6 +183,7 @@ export class TunnelService extends EventEmitter<Events> {
     // peer that connects and says nothing does not keep a slot.
     raw.setTimeout(this.#config.connect_timeout, () => raw.destroy());
     const peer = formatHostPort(raw.remoteAddress ?? "?", raw.remotePort ?? 0);
+    // The TLS socket takes allowHalfOpen from `raw` (the listener's option).
     const secure = tls.connect({ socket: raw, ...tlsClientOptions(this.#trust) });
     this.#sockets.add(secure);
     const drop = (why: string) => {
