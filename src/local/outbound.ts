@@ -3,7 +3,7 @@ import tls from "node:tls";
 import type { HostPort } from "../address.ts";
 import { NatproxyError, isErrorCode } from "../errors.ts";
 import { handshakeError, tlsClientOptions, verifyPeer, type Trust } from "../tls/trust.ts";
-import { encodeOpen, readMessage, resultOf } from "../wire.ts";
+import { encodeOpen, readMessage, resultOf, type OpenResult, type WireMessage } from "../wire.ts";
 import { responseError } from "./coordinator-client.ts";
 
 const TUNNEL_PROTOCOL = "natproxy-tunnel/1";
@@ -115,13 +115,7 @@ export class OutboundDialer {
               resolve({ socket, overhead: size, sentOverhead: first.length });
               return;
             }
-            const msg = await readMessage(socket);
-            const result = resultOf(msg);
-            if (result.code !== "OK") {
-              const e = new NatproxyError(isErrorCode(result.code) ? result.code : "COORDINATOR_REFUSED");
-              if (result.message) e.message = result.message;
-              throw e;
-            }
+            const { msg, result } = await readResult(socket);
             if (done) return;
             finish();
             // Late errors belong to whoever pipes the socket next; until then
@@ -133,6 +127,21 @@ export class OutboundDialer {
       });
     });
   }
+}
+
+/**
+ * Reads the coordinator's Result message (after an Open, or after the session
+ * id on a connect-back); anything but OK becomes the error it names.
+ */
+export async function readResult(stream: Duplex): Promise<{ msg: WireMessage; result: OpenResult }> {
+  const msg = await readMessage(stream);
+  const result = resultOf(msg);
+  if (result.code !== "OK") {
+    const e = new NatproxyError(isErrorCode(result.code) ? result.code : "COORDINATOR_REFUSED");
+    if (result.message) e.message = result.message;
+    throw e;
+  }
+  return { msg, result };
 }
 
 /** Reads an HTTP response head off a stream and puts back what followed it. */

@@ -4,15 +4,15 @@ import type { TLSSocket } from "node:tls";
 import type { ConsolaInstance } from "consola";
 import { v4 as uuidv4 } from "uuid";
 import { formatHostPort, type HostPort } from "../address.ts";
-import { NatproxyError, isErrorCode } from "../errors.ts";
+import { NatproxyError } from "../errors.ts";
 import { formatSession } from "../request-log.ts";
 import type { SocketRegistry } from "../sockets.ts";
 import type { CoordinatorClient } from "./coordinator-client.ts";
 import type { SessionTable } from "./sessions.ts";
-import type { OutboundDialer } from "./outbound.ts";
+import { readResult, type OutboundDialer } from "./outbound.ts";
 import { isConnectBackFailure, type PathChooser, type TunnelPath } from "./path.ts";
 import type { TunnelState } from "./tunnel-service.ts";
-import { HEADER_SIZE, readMessage, resultOf, SESSION_MESSAGE_SIZE } from "../wire.ts";
+import { HEADER_SIZE, SESSION_MESSAGE_SIZE } from "../wire.ts";
 
 export interface Tunnel {
   socket: TLSSocket;
@@ -157,12 +157,12 @@ async function openConnectBack(opts: TunnelOpenerOptions, target: HostPort, star
     signal?.removeEventListener("abort", onCallerAbort);
   }
   opts.sockets.add(socket);
-  const result = await readResult(socket, opts.connectTimeout, target, signal);
+  const result = await awaitResult(socket, opts.connectTimeout, target, signal);
   return { socket, session, started, path: "connect-back", overhead: SESSION_MESSAGE_SIZE + result.size, sentOverhead: 0 };
 }
 
 /** The coordinator's word on the target, which follows the session id on a connect-back. */
-async function readResult(socket: TLSSocket, timeout: number, target: HostPort, signal?: AbortSignal): Promise<{ size: number }> {
+async function awaitResult(socket: TLSSocket, timeout: number, target: HostPort, signal?: AbortSignal): Promise<{ size: number }> {
   let timedOut = false;
   const timer = setTimeout(() => {
     timedOut = true;
@@ -171,13 +171,7 @@ async function readResult(socket: TLSSocket, timeout: number, target: HostPort, 
   const onAbort = () => socket.destroy();
   signal?.addEventListener("abort", onAbort, { once: true });
   try {
-    const msg = await readMessage(socket);
-    const result = resultOf(msg);
-    if (result.code !== "OK") {
-      const e = new NatproxyError(isErrorCode(result.code) ? result.code : "COORDINATOR_REFUSED");
-      if (result.message) e.message = result.message;
-      throw e;
-    }
+    const { msg } = await readResult(socket);
     return { size: HEADER_SIZE + msg.payload.length };
   } catch (err) {
     socket.destroy();
