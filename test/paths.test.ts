@@ -173,3 +173,48 @@ describe("the coordinator guards the outbound path", () => {
     assert.match(anon, /^HTTP\/1\.1 401 /);
   });
 });
+
+describe("the coordinator's API refuses what it must", () => {
+  const api = (text: string) => rawExchange(text);
+  test("a body over 16 KiB is 413, by its declared length or by what arrives", async () => {
+    const big = "x".repeat(17 * 1024);
+    const declared = await api(`POST /v1/sessions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${TOKEN}\r\nContent-Length: ${big.length}\r\nConnection: close\r\n\r\n${big}`);
+    assert.match(declared, /^HTTP\/1\.1 413 /);
+    assert.match(declared, /PAYLOAD_TOO_LARGE/);
+    const chunked = await api(`POST /v1/sessions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${TOKEN}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n${big.length.toString(16)}\r\n${big}\r\n0\r\n\r\n`);
+    assert.match(chunked, /^HTTP\/1\.1 413 /);
+  });
+
+  test("TLS below 1.2 is refused by the coordinator", async () => {
+    const socket = tls.connect({ host: "127.0.0.1", port: coordinator.addresses[0].port, ca: [pki.ca.cert], servername: "localhost", minVersion: "TLSv1", maxVersion: "TLSv1.1" });
+    const [err] = (await once(socket, "error")) as [NodeJS.ErrnoException];
+    assert.match(String(err.code), /ERR_SSL_(TLSV1_ALERT_PROTOCOL_VERSION|UNSUPPORTED_PROTOCOL|NO_PROTOCOLS_AVAILABLE)/);
+  });
+});
+
+describe("proxy authentication on the browser port", () => {
+  test("with users configured: 407 and a Basic challenge without credentials, or with wrong ones; through with the right ones", async () => {
+    const reporter = await startReporter(resolveConfig({ reporter: { listen: "127.0.0.1:0" } }, "reporter").reporter);
+    const local = await startLocal(localConfig(`127.0.0.1:${reporter.addresses[0].port}`, { users: ["alice:correct horse"], tunnel: "outbound" }));
+    try {
+      const none = await connectThrough(local.proxyAddress.port, `127.0.0.1:${web.port}`);
+      assert.equal(none.status, 407);
+      assert.match(String(none.headers["proxy-authenticate"]), /^Basic realm="natproxy"/);
+      const basic = (cred: string) => ({ "Proxy-Authorization": `Basic ${Buffer.from(cred).toString("base64")}` });
+      const wrong = await connectThrough(local.proxyAddress.port, `127.0.0.1:${web.port}`, basic("alice:wrong"));
+      assert.equal(wrong.status, 407);
+      const plainNone = await proxiedRequest(local.proxyAddress.port, `http://127.0.0.1:${web.port}/auth`);
+      assert.equal(plainNone.status, 407);
+      const ok = await connectThrough(local.proxyAddress.port, `127.0.0.1:${web.port}`, basic("alice:correct horse"));
+      assert.equal(ok.status, 200);
+      ok.socket.destroy();
+      const plainOk = await proxiedRequest(local.proxyAddress.port, `http://127.0.0.1:${web.port}/auth`, { headers: basic("alice:correct horse") });
+      assert.equal(plainOk.status, 200);
+      // The credentials stop at the proxy: the target never sees them.
+      assert.doesNotMatch(plainOk.body.toString(), /proxy-authorization/i);
+    } finally {
+      await local.close();
+      await reporter.close();
+    }
+  });
+});

@@ -107,7 +107,9 @@ function readJson(req: IncomingMessage): Promise<unknown> {
     req.on("data", (c: Buffer) => {
       size += c.length;
       if (size > MAX_BODY) {
-        req.destroy();
+        // Read no further; the answer says why and closes the connection.
+        req.removeAllListeners("data");
+        req.pause();
         reject(new NatproxyError("PAYLOAD_TOO_LARGE", `more than ${MAX_BODY} bytes`));
       } else chunks.push(c);
     });
@@ -168,5 +170,7 @@ export function sendJson(res: ServerResponse, status: number, body: unknown): vo
 }
 
 function sendError(res: ServerResponse, e: NatproxyError): void {
+  // After a refused body the rest of it is still on the wire: no keep-alive.
+  if (e.code === "PAYLOAD_TOO_LARGE" && !res.headersSent) res.setHeader("Connection", "close");
   sendJson(res, e.status, { error: { code: e.code, message: e.message } });
 }
