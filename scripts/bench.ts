@@ -1,14 +1,18 @@
-// npm run bench [-- --quick] [-- --delay] [-- --rounds N] [-- --only natproxy,squid] [-- --rebuild]
+// npm run bench [-- --quick] [-- --no-delay] [-- --rounds N] [-- --only natproxy-outbound,squid] [-- --rebuild]
 //
-// Compares natproxy with no proxy, squid and shadowsocks-libev on loopback:
-// bulk throughput, time to first byte, 200 concurrent tunnels, small requests
-// per second over keep-alive, and CPU per GB moved. Contenders are interleaved
-// (order rotated per round) and every measurement is repeated. --delay adds
-// TTFB with ~20 ms RTT in the NAT lab. Prints one table, writes
-// bench-results/bench-<timestamp>.json (raw) and .png (chart).
+// Compares natproxy (connect-back and outbound tunnel paths) with no proxy,
+// squid and shadowsocks-libev on loopback: bulk throughput, time to first
+// byte, 200 concurrent tunnels, small requests per second over keep-alive,
+// and CPU per GB moved. Contenders are interleaved (order rotated per round)
+// and every measurement is repeated. Then TTFB again with ~20 ms RTT in the
+// NAT lab (network namespaces, root; --no-delay skips it). Prints one table
+// and the issue's targets, writes bench-results/bench-<timestamp>.json (raw)
+// and .png (chart). scripts/bench/profile.ts profiles natproxy under one of
+// the same workloads.
 // Everything runs on 127.0.0.1 (or in the lab's own namespaces); every child
 // process is ended on exit.
 import { spawnSync } from "node:child_process";
+import { X509Certificate } from "node:crypto";
 import { chmodSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { cpus, loadavg, tmpdir } from "node:os";
 import { dirname, join, relative, resolve } from "node:path";
@@ -36,22 +40,27 @@ const log = (s: string): void => {
 // ---------------------------------------------------------------- options
 
 const { values: args } = parseArgs({
+  allowNegative: true,
   options: {
     quick: { type: "boolean", default: false },
-    delay: { type: "boolean", default: false },
+    delay: { type: "boolean", default: true },
     rounds: { type: "string" },
     only: { type: "string" },
     rebuild: { type: "boolean", default: false },
     out: { type: "string", default: "bench-results" },
+    "bulk-mib": { type: "string" },
+    pin: { type: "boolean", default: false },
     help: { type: "boolean", short: "h", default: false },
   },
 });
 if (args.help) {
   process.stdout.write(`npm run bench [-- options]
   --quick          fewer rounds and samples (under 2 minutes)
-  --delay          also TTFB with ~20 ms RTT in the NAT lab (network namespaces; root; adds ~40-75 s)
+  --no-delay       skip TTFB with ~20 ms RTT in the NAT lab (network namespaces, root; ~20 s quick, ~45 s default)
   --rounds N       rounds (default 5, quick 2)
   --only a,b       contenders to run (direct always runs: it is the reference)
+  --bulk-mib N     size of each bulk download (default 256, quick 128)
+  --pin            natproxy trusts its coordinator by [local] fingerprint instead of [local] ca (the default, as in the README quick start)
   --rebuild        rebuild dist/natproxy even if it exists
   --out DIR        results directory (default bench-results)
 contenders: ${CONTENDERS.map((c) => c.name).join(", ")}
@@ -64,19 +73,21 @@ const opts = {
   quick,
   delay: args.delay,
   rounds: Math.max(1, Math.min(20, Number(args.rounds ?? (quick ? 2 : 5)) || 1)),
-  bulkBytes: 256 * MiB,
-  ttfbCount: quick ? 50 : 200,
+  bulkBytes: Math.max(1, Number(args["bulk-mib"] ?? (quick ? 128 : 256)) || 256) * MiB,
+  /** Per contender at start-up, before any round: JIT, TCP autotuning, pools. */
+  warmupBytes: (quick ? 16 : 32) * MiB,
+  ttfbCount: quick ? 30 : 200,
   rttCount: quick ? 100 : 200,
   concurrency: 200,
   concurrencyBytes: 1 * MiB,
   rpsConnections: 8,
-  rpsSeconds: quick ? 2 : 5,
-  delayRounds: 2,
-  delayTtfbCount: quick ? 15 : 40,
-  /** Whole run, setup included; rounds that would not fit are not started. */
-  budgetS: quick ? 110 : 570,
-  /** Added to the budget for the --delay phase. */
-  delayExtraS: quick ? 45 : 75,
+  rpsSeconds: quick ? 1.5 : 5,
+  delayRounds: quick ? 1 : 2,
+  delayTtfbCount: quick ? 10 : 40,
+  /** The loopback rounds, setup included; rounds that would not fit are not started. */
+  budgetS: quick ? 88 : 470,
+  /** Added to the budget for the NAT-lab phase (skipped if less than half of it is left). */
+  delayExtraS: quick ? 24 : 80,
   /** Per curl download / per client operation. */
   opTimeoutS: quick ? 30 : 60,
 };
@@ -119,9 +130,9 @@ process.on("unhandledRejection", (err) => {
 
 // ---------------------------------------------------------------- setup
 
-log(`natproxy bench${quick ? " --quick" : ""}${opts.delay ? " --delay" : ""}: ${opts.rounds} rounds, budget ${opts.budgetS} s`);
+log(`natproxy bench${quick ? " --quick" : ""}${opts.delay ? "" : " --no-delay"}: ${opts.rounds} rounds, budget ${opts.budgetS} s + ${opts.delay ? opts.delayExtraS : 0} s (NAT lab)`);
 ensurePackages(log);
-const builtBin = ensureBinary(ROOT, args.rebuild, log);
+const { bin: builtBin, note: buildNote } = ensureBinary(ROOT, args.rebuild, log);
 tmp = mkdtempSync(join(tmpdir(), "natproxy-bench-"));
 const home = tmp;
 // A private copy: a build running meanwhile (npm test rebuilds dist/natproxy)
@@ -150,14 +161,14 @@ const pki = await (async () => {
   writeFileSync(certFile, server.cert);
   writeFileSync(keyFile, server.key, { mode: 0o600 });
   writeFileSync(combinedFile, `${server.key}\n${server.cert}`, { mode: 0o600 });
-  return { caFile, certFile, keyFile, combinedFile };
+  return { caFile, certFile, keyFile, combinedFile, fingerprint: `sha256:${new X509Certificate(server.cert).fingerprint256}` };
 })();
 
 const target = await startTarget(pki.certFile, pki.keyFile, "127.0.0.1");
 const targetPid = target.child.pid;
 log(`target: HTTP 127.0.0.1:${target.http}, HTTPS 127.0.0.1:${target.https} (pid ${targetPid})`);
 
-const env: BenchEnv = { tmp: home, root: ROOT, natproxyBin, caFile: pki.caFile, combinedFile: pki.combinedFile };
+const env: BenchEnv = { tmp: home, root: ROOT, natproxyBin, caFile: pki.caFile, combinedFile: pki.combinedFile, pin: args.pin ? pki.fingerprint : undefined };
 const wanted = args.only ? new Set(["direct", ...args.only.split(",").map((s) => s.trim())]) : undefined;
 const curlOpts = (expectBytes: number) => ({ caFile: pki.caFile, expectBytes, maxTimeS: opts.opTimeoutS, home });
 const job = (j: Omit<ClientJob, "host" | "httpPort" | "httpsPort" | "caFile">): ClientJob => ({ ...j, host: "127.0.0.1", httpPort: target.http, httpsPort: target.https, caFile: pki.caFile });
@@ -185,6 +196,13 @@ async function bringUp(e: Entry): Promise<void> {
     const a = await curlGet(e.run.via, `https://127.0.0.1:${target.https}/small`, curlOpts(2));
     const b = await curlGet(e.run.via, `http://127.0.0.1:${target.http}/small`, curlOpts(2));
     if (!a.ok || !b.ok) throw new Error(`warm-up request failed: ${a.error ?? ""} ${b.error ?? ""}`.trim());
+    // Warm-up, the same for everyone: a first bulk transfer costs a Node
+    // process about 1.5x the CPU per byte of later ones (JIT, heap growth).
+    for (const kind of ["https", "http"] as const) {
+      const w = await curlGet(e.run.via, `${kind}://127.0.0.1:${kind === "https" ? target.https : target.http}/bytes/${opts.warmupBytes}`, curlOpts(opts.warmupBytes));
+      if (!w.ok) throw new Error(`warm-up download (${kind}) failed: ${w.error}`);
+    }
+    await runClient(job({ mode: "ttfb", via: e.run.via, count: 10, timeoutMs: 10_000, deadlineMs: 20_000 }));
   } catch (err) {
     await e.run?.stop();
     e.run = undefined;
@@ -296,7 +314,7 @@ interface RoundData {
   load: [number, number];
 }
 const rounds: RoundData[] = [];
-const runNotes: string[] = [];
+const runNotes: string[] = buildNote ? [buildNote] : [];
 const loopBudgetS = opts.budgetS;
 const timeLeftMs = (): number => Math.max(1000, (loopBudgetS - elapsedS()) * 1000);
 const cpuOf = (e: Entry): number | null => (e.def.name === "direct" ? null : cpuSeconds(e.run!.pids()));
@@ -305,7 +323,7 @@ const round3 = (xs: number[] | undefined): number[] | undefined => xs?.map((x) =
 let longestRoundS = 0;
 for (let r = 0; r < opts.rounds && !interrupted; r++) {
   // A round is started only if it fits, with time left to write the results.
-  if (r > 0 && elapsedS() + longestRoundS * 1.15 + 10 > loopBudgetS) {
+  if (r > 0 && elapsedS() + longestRoundS * 1.1 + 3 > loopBudgetS) {
     runNotes.push(`stopped after ${r} of ${opts.rounds} rounds: the next would not fit in the time budget`);
     log(runNotes[runNotes.length - 1]);
     break;
@@ -359,7 +377,7 @@ for (let r = 0; r < opts.rounds && !interrupted; r++) {
 
   // 3: 200 concurrent tunnels × 1 MiB, with the proxies' peak memory.
   await each("concurrent", async (e) => {
-    const pids = e.def.name === "direct" ? [] : e.run!.pids();
+    const pids = e.def.name === "direct" ? [] : e.run!.memPids();
     const idleKb = rssKb(pids);
     const hwmReset = resetPeakRss(pids);
     const stopSampling = sampleRss(pids, 20);
@@ -391,7 +409,11 @@ for (let r = 0; r < opts.rounds && !interrupted; r++) {
 // ---------------------------------------------------------------- --delay
 
 let delay: DelayResult | undefined;
-if (opts.delay && !interrupted) {
+const delayLeftS = (): number => opts.budgetS + opts.delayExtraS - 8 - elapsedS();
+if (opts.delay && !interrupted && delayLeftS() < opts.delayExtraS / 2) {
+  delay = { measured: false, note: `skipped: ${delayLeftS().toFixed(0)} s left of the time budget`, rttSamplesMs: [], contenders: {} };
+  log(`--delay: NOT measured: ${delay.note}`);
+} else if (opts.delay && !interrupted) {
   try {
     delay = await runDelayPhase({
       contenders: active.map((e) => e.def),
@@ -401,7 +423,7 @@ if (opts.delay && !interrupted) {
       count: opts.delayTtfbCount,
       rttCount: 50,
       opTimeoutMs: 15_000,
-      timeLeftS: () => opts.budgetS + opts.delayExtraS - 8 - elapsedS(),
+      timeLeftS: delayLeftS,
       log,
     });
   } catch (err) {
@@ -416,15 +438,15 @@ const names = active.map((e) => e.def.name);
 const rttAll = rounds.flatMap((rd) => rd.rtt?.samplesMs ?? []);
 const rttMedianMs = median(rttAll);
 const delayRttMs = delay?.measured ? median(delay.rttSamplesMs) : undefined;
+const labDirectMs = median(delay?.contenders.direct?.rounds.flatMap((r) => r.samples.map((s) => s.firstByte)) ?? []);
 const METRICS: MetricDef[] = [
   { key: "https", title: "HTTPS MB/s", better: "higher", spread: "range", chartRatio: true },
   { key: "http", title: "HTTP MB/s", better: "higher", spread: "range", chartRatio: true },
   { key: "ttfb", title: "TTFB ms", better: "lower", spread: "iqr", chartRatio: true },
-  { key: "ttfbRtt", title: "TTFB RTTs", better: "lower", spread: "range" },
   ...(delay?.measured
     ? ([
         { key: "ttfbDelay", title: "TTFB ms @20ms RTT", better: "lower", spread: "iqr", chartRatio: true },
-        { key: "ttfbDelayRtt", title: "RTTs @20ms", better: "lower", spread: "none" },
+        { key: "ttfbDelayRtt", title: "RTTs @20ms (+direct)", better: "lower", spread: "none" },
       ] satisfies MetricDef[])
     : []),
   { key: "conc", title: "200x1MiB s", better: "lower", spread: "range", chartRatio: true },
@@ -453,13 +475,19 @@ for (const n of names) {
   const idle = median(conc.map((c) => (c.idleKb ?? NaN) / 1024));
   const lab = delay?.contenders[n]?.rounds.flatMap((r) => r.samples.map((s) => s.firstByte)) ?? [];
   const labSummary = summarize(lab);
+  const labRtts = labSummary && delayRttMs ? labSummary.median / delayRttMs : undefined;
+  const labAdded = labSummary && delayRttMs && labDirectMs !== undefined ? (labSummary.median - labDirectMs) / delayRttMs : undefined;
   cells[n] = {
     https: { summary: summarize(okBulk("https").map((b) => b.mbps)) },
     http: { summary: summarize(okBulk("http").map((b) => b.mbps)) },
     ttfb: { summary: summarize(ttfbSamples) },
     ttfbRtt: { summary: summarize(perRoundRtts) },
     ttfbDelay: { summary: labSummary },
-    ttfbDelayRtt: { summary: labSummary && delayRttMs ? summarize([labSummary.median / delayRttMs]) : undefined },
+    ttfbDelayRtt: {
+      summary: labRtts !== undefined ? summarize([labRtts]) : undefined,
+      // Absolute, then what the proxy adds over direct's TCP + TLS + request.
+      text: labRtts === undefined ? undefined : n === "direct" ? `${labRtts.toFixed(2)} (ref)` : `${labRtts.toFixed(2)} (+${labAdded?.toFixed(2) ?? "?"})`,
+    },
     // A run with failures still has a total time; the failures column says so.
     conc: { summary: summarize(conc.map((c) => (c.totalMs ?? 0) / 1000)) },
     concFail: { text: tried ? `${failed}/${tried}` : "—" },
@@ -477,6 +505,45 @@ for (const m of METRICS) {
   }
 }
 const table: Table = { contenders: names, metrics: METRICS, cells };
+
+// The issue's targets for natproxy, checked against the medians above.
+interface TargetCheck {
+  contender: string;
+  target: string;
+  value: string;
+  met: boolean | null;
+}
+const targetChecks: TargetCheck[] = [];
+for (const n of names.filter((x) => x.startsWith("natproxy"))) {
+  const c = cells[n];
+  const check = (target: string, v: number | undefined, fmtV: (v: number) => string, ok: (v: number) => boolean, extra = ""): void => {
+    targetChecks.push({ contender: n, target, value: v === undefined ? "not measured" : `${fmtV(v)}${extra}`, met: v === undefined ? null : ok(v) });
+  };
+  check("HTTPS bulk >= 0.6x direct", c.https?.ratio, (v) => `${v.toFixed(2)}x`, (v) => v >= 0.6);
+  check("CPU <= 4 s/GB", c.cpu?.summary?.median, (v) => `${v.toFixed(2)} s/GB`, (v) => v <= 4);
+  const outbound = n.includes("outbound");
+  const labS = summarize(delay?.contenders[n]?.rounds.flatMap((r) => r.samples.map((x) => x.firstByte)) ?? []);
+  const added = labS && delayRttMs && labDirectMs !== undefined ? (labS.median - labDirectMs) / delayRttMs : undefined;
+  check(
+    `first byte <= ${outbound ? "2.0" : "4.0"} RTT over direct @20ms${outbound ? " (warm pool)" : ""}`,
+    added,
+    (v) => `+${v.toFixed(2)} RTT`,
+    (v) => v <= (outbound ? 2.0 : 4.0),
+    labS ? ` (${labS.median.toFixed(0)} vs ${labDirectMs?.toFixed(0)} ms, RTT ${delayRttMs?.toFixed(1)} ms)` : "",
+  );
+  const conc = rounds.map((rd) => rd.concurrent[n]).filter((x) => x && x.totalMs !== undefined);
+  const failed = conc.reduce((sum, x) => sum + (x.failed ?? 0), 0);
+  const peakMb = conc.length ? Math.max(...conc.map((x) => ((x.peakKb ?? NaN) * 1024) / 1e6)) : undefined;
+  check("200x1MiB: 0 failed", conc.length ? failed : undefined, (v) => `${v} failed`, (v) => v === 0);
+  check("200x1MiB: local+coordinator peak RSS <= 150 MB", peakMb, (v) => `${v.toFixed(0)} MB (worst round)`, (v) => v <= 150);
+  check("keep-alive req/s >= 0.5x direct", c.rps?.ratio, (v) => `${v.toFixed(2)}x`, (v) => v >= 0.5);
+}
+const targetLines = targetChecks.length
+  ? [
+      "Targets (issue \"Fast\"), natproxy on this machine:",
+      ...targetChecks.map((t) => `  ${t.met === null ? "n/a " : t.met ? "MET " : "MISS"}  ${t.contender.padEnd(22)} ${t.target.padEnd(52)} ${t.value}`),
+    ]
+  : [];
 
 // Where the time goes: medians of the TTFB phases, CPU per request.
 const diagnostics = names.map((n) => {
@@ -510,19 +577,22 @@ const versions = {
 const totalS = elapsedS();
 const notMeasured = delay?.measured
   ? []
-  : [opts.delay ? `TTFB with ~20 ms RTT (--delay) was NOT measured: ${delay?.note ?? "interrupted"}` : "TTFB with ~20 ms RTT was not measured (loopback only; add --delay for the NAT-lab run)"];
+  : [opts.delay ? `TTFB with ~20 ms RTT was NOT measured: ${delay?.note ?? "interrupted"}` : "TTFB with ~20 ms RTT was not measured (--no-delay)"];
 const legend = [
   "How each number is made. The client does the same work for every contender; only the way in differs:",
   "  direct = TCP to the target; squid, natproxy = HTTP proxy (CONNECT for HTTPS, absolute-form request for HTTP); shadowsocks = SOCKS5 to ss-local.",
-  `  HTTPS/HTTP MB/s  ${versions.curl} --http1.1 -o /dev/null: one ${opts.bulkBytes / MiB} MiB GET per round (HTTPS: TLS end to end through CONNECT/SOCKS5); bytes / curl's time_total; median, min–max over rounds`,
+  `  HTTPS/HTTP MB/s  ${versions.curl} --http1.1 -o /dev/null: one ${opts.bulkBytes / MiB} MiB GET per round (after one ${opts.warmupBytes / MiB} MiB warm-up of each at start) (HTTPS: TLS end to end through CONNECT/SOCKS5); bytes / curl's time_total; median, min–max over rounds`,
   `  TTFB ms          Node client: ${opts.ttfbCount} sequential HTTPS GET /small per round, each a new TCP connection + tunnel + full TLS handshake (no session reuse); clock from before TCP connect to the first response byte; median, IQR of all samples`,
-  `  TTFB RTTs        per round, median TTFB / median loopback RTT (TCP connect time to the target, ${opts.rttCount} connects; median ${rttMedianMs?.toFixed(3)} ms): on loopback this counts CPU, not network round trips`,
+  `                   (loopback RTT, TCP connect time to the target: median ${rttMedianMs?.toFixed(3)} ms, so on loopback TTFB counts CPU, not round trips; see @20ms RTT)`,
   ...(delay?.measured
-    ? [`  TTFB @20ms RTT   NAT lab (${LAB_NAT} NAT, ${LAB_ONE_WAY_DELAY_MS} ms each way): client, local proxy and ss-local on the LAN host; coordinator, squid, ss-server on the coordinator host; ${opts.delayTtfbCount} requests × ${opts.delayRounds} rounds; RTT median ${delayRttMs?.toFixed(1)} ms`]
+    ? [
+        `  TTFB @20ms RTT   NAT lab (${LAB_NAT} NAT, ${LAB_ONE_WAY_DELAY_MS} ms each way): client, local proxy and ss-local on the LAN host; coordinator, squid, ss-server on the coordinator host; ${opts.delayTtfbCount} requests × ${opts.delayRounds} round(s); RTT median ${delayRttMs?.toFixed(1)} ms`,
+        "  RTTs @20ms       median TTFB / RTT; (+x) = (median TTFB − direct's) / RTT: the round trips the proxy adds to direct's TCP + TLS + request",
+      ]
     : []),
   `  200x1MiB s       Node client: ${opts.concurrency} tunnels opened at once, each HTTPS GET /bytes/${opts.concurrencyBytes} (content checked); time until the last is done; failed = failed/tried over all rounds`,
-  "  peak RSS MiB     sum over the proxy's processes of VmHWM (reset through clear_refs before the 200-tunnel test) or of VmRSS sampled every 20 ms, whichever is higher; idle = before the test.",
-  "                   A sum of RSS counts pages shared by several processes (natproxy's 3 processes map the same ~120 MB binary) once per process; the diagnostics give the sampled peak PSS, which counts them once.",
+  "  peak RSS MiB     sum over the proxy's processes (natproxy: local + coordinator, not the reporter) of VmHWM (reset through clear_refs before the 200-tunnel test) or of VmRSS sampled every 20 ms, whichever is higher; idle = before the test.",
+  "                   A sum of RSS counts pages shared by several processes (natproxy's processes map the same ~120 MB binary) once per process; the diagnostics give the sampled peak PSS, which counts them once.",
   `  small req/s      Node client: ${opts.rpsConnections} keep-alive connections, each sending plain-HTTP GET /small (2-byte body) one at a time, for ${opts.rpsSeconds} s`,
   "  CPU s/GB         utime+stime of all the proxy's processes (/proc/<pid>/stat) across both bulk downloads / GB moved",
   "  ×ratio           median / direct's median (MB/s, req/s: higher is better; ms, s: lower is better)",
@@ -531,11 +601,12 @@ const legend = [
 const lines: string[] = [];
 const loads = rounds.flatMap((rd) => rd.load);
 lines.push("");
-lines.push(`natproxy bench${quick ? " --quick" : ""}${opts.delay ? " --delay" : ""}: ${rounds.length} round(s), ${cpus().length} CPUs (${cpus()[0]?.model.trim()}), run time ${totalS.toFixed(0)} s`);
+lines.push(`natproxy bench${quick ? " --quick" : ""}${opts.delay ? "" : " --no-delay"}: ${rounds.length} round(s), ${cpus().length} CPUs (${cpus()[0]?.model.trim()}), run time ${totalS.toFixed(0)} s`);
 lines.push(`1-min load average during the rounds: ${loads.length ? `${Math.min(...loads).toFixed(1)}–${Math.max(...loads).toFixed(1)}` : "?"}; the bench itself keeps about 2 runnable; other work on the machine shows up as more, with noisier numbers`);
 lines.push(`versions: natproxy ${versions.natproxy}; ${versions.squid}; ${versions.shadowsocks}; ${versions.curl}; node ${versions.node}`);
 lines.push("");
 lines.push(renderTable(table));
+if (targetLines.length) lines.push("", ...targetLines);
 lines.push("");
 lines.push(...legend);
 lines.push("");
@@ -576,6 +647,7 @@ const results = {
   },
   contenders: entries.map((e) => ({ name: e.def.name, describe: e.def.describe, status: e.status, note: e.note, via: e.run?.via, notes: e.run?.notes, restarts: e.restarts, deaths: e.deaths })),
   summary: table,
+  targets: targetChecks,
   rounds,
   delay: delay ?? { measured: false, note: notMeasured[0] },
   // The tail of what each proxy process wrote (natproxy at "warn").

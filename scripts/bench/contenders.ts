@@ -23,6 +23,13 @@ export interface BenchEnv {
   caFile: string;
   /** Key and certificate (localhost, 127.0.0.1, the lab's server addresses) in one PEM, signed by the CA. */
   combinedFile: string;
+  /**
+   * How a natproxy role is started; by default `natproxyBin <role> -c <file>`.
+   * scripts/bench/profile.ts runs the sources under `node --cpu-prof` instead.
+   */
+  /** "sha256:…" of the coordinator's certificate: natproxy then trusts it by [local] fingerprint instead of [local] ca. */
+  pin?: string;
+  natproxyCommand?: (role: "reporter" | "coordinator" | "local", configFile: string) => { cmd: string; args: string[] };
 }
 
 export interface Site {
@@ -60,6 +67,8 @@ export interface RunningContender {
   via: Via;
   /** The proxy's processes (with their descendants); empty for direct. */
   pids(): number[];
+  /** The processes whose memory is reported (natproxy: local + coordinator, not the reporter). */
+  memPids(): number[];
   children: Child[];
   notes: string[];
   stop(): Promise<void>;
@@ -77,12 +86,13 @@ export class SkipContender extends Error {}
 
 const STARTUP_MS = 20_000;
 
-function running(via: Via, children: Child[], notes: string[] = []): RunningContender {
+function running(via: Via, children: Child[], notes: string[] = [], memChildren: Child[] = children): RunningContender {
   return {
     via,
     children,
     notes,
     pids: () => withDescendants(children.map((c) => c.pid)),
+    memPids: () => withDescendants(memChildren.map((c) => c.pid)),
     stop: async () => {
       for (const c of [...children].reverse()) await stopChild(c);
     },
@@ -194,16 +204,21 @@ function toml(sections: Record<string, Record<string, TomlValue>>, top: Record<s
 }
 
 /**
- * natproxy as a user runs it: reporter, coordinator and local proxy, three
- * processes of dist/natproxy, each with its own config file. `extraLocal` is
- * added to [local] (a tunnel path under test, e.g. { tunnel: "outbound" }).
- * log_level "warn": no line per session, as squid and ss run without access logs.
+ * natproxy as a user runs it: coordinator and local proxy (and, on the
+ * connect-back path, the reporter), each a process of dist/natproxy with its
+ * own config file. `path` is written as [local] tunnel; `extraLocal` is added
+ * to [local]. log_level "warn": no line per session, as squid and ss run
+ * without access logs.
  */
-export function natproxyContender(name: string, extraLocal: Record<string, TomlValue> = {}, describe?: string): Contender {
-  const extras = Object.entries(extraLocal).map(([k, v]) => `${k}=${JSON.stringify(v)}`).join(" ");
+export function natproxyContender(name: string, path: "connect-back" | "outbound", extraLocal: Record<string, TomlValue> = {}, describe?: string): Contender {
+  const local: Record<string, TomlValue> = { tunnel: path, ...extraLocal };
+  const extras = Object.entries(local).map(([k, v]) => `${k}=${JSON.stringify(v)}`).join(" ");
+  // The outbound path never asks the reporter (the local proxy dials the
+  // coordinator's HTTPS port itself), so no reporter runs for it.
+  const withReporter = path !== "outbound";
   return {
     name,
-    describe: describe ?? `dist/natproxy reporter + coordinator + local (3 processes, connect-back path${extras ? `, ${extras}` : ""})`,
+    describe: describe ?? `dist/natproxy ${withReporter ? "reporter + " : ""}coordinator + local, [local] ${extras}`,
     async start(env, where) {
       const dir = join(env.tmp, `${name}-${where.name}`);
       mkdirSync(dir, { recursive: true });
@@ -217,7 +232,10 @@ export function natproxyContender(name: string, extraLocal: Record<string, TomlV
         local: join(dir, "local.toml"),
       };
       writeFileSync(files.reporter, toml({ reporter: { listen: `${where.reporter.ip}:${reporterPort}` } }, top));
-      writeFileSync(files.coordinator, toml({ coordinator: { listen: `${where.far.ip}:${coordinatorPort}`, cert: env.combinedFile, tokens: [TOKEN] } }, top));
+      // The coordinator refuses loopback targets by default (SSRF guard); the
+      // bench's target is on 127.0.0.1 (in the NAT lab on a documentation
+      // address, which is allowed anyway).
+      writeFileSync(files.coordinator, toml({ coordinator: { listen: `${where.far.ip}:${coordinatorPort}`, cert: env.combinedFile, tokens: [TOKEN], allow_targets: ["127.0.0.1"] } }, top));
       writeFileSync(
         files.local,
         toml(
@@ -227,30 +245,37 @@ export function natproxyContender(name: string, extraLocal: Record<string, TomlV
               coordinator: `https://${where.far.ip}:${coordinatorPort}`,
               token: TOKEN,
               reporter: `${where.reporter.ip}:${reporterPort}`,
-              ca: env.caFile,
+              ...(env.pin ? { fingerprint: env.pin } : { ca: env.caFile }),
               reporter_retries: 0,
-              ...extraLocal,
+              ...local,
             },
           },
           top,
         ),
       );
       const role = (r: "reporter" | "coordinator" | "local", site: Site, port: number) => async () => {
-        const c = site.spawn(`${name} ${r}`, env.natproxyBin, [r, "-c", files[r]]);
+        const how = env.natproxyCommand?.(r, files[r]) ?? { cmd: env.natproxyBin, args: [r, "-c", files[r]] };
+        const c = site.spawn(`${name} ${r}`, how.cmd, how.args);
         try {
           await waitForPort(port, c, STARTUP_MS, () => site.probe(site.ip, port));
         } catch (err) {
           const text = c.log();
           await stopChild(c);
           // A config key this build does not know: a tunnel path not implemented yet.
-          const refused = /unknown key/i.test(text) && Object.keys(extraLocal).some((k) => text.includes(`"${k}"`));
+          const refused = /unknown key/i.test(text) && Object.keys(local).some((k) => text.includes(`"${k}"`));
           if (refused) throw new SkipContender(`this build refuses [local] ${extras}: ${text.trim().split("\n").slice(-2).join(" ").replace(/\s+/g, " ")}`);
           throw err;
         }
         return c;
       };
-      const children = await startAll([role("reporter", where.reporter, reporterPort), role("coordinator", where.far, coordinatorPort), role("local", where.near, localPort)]);
-      return running({ kind: "http", host: where.near.ip, port: localPort }, children, [`natproxy log_level "warn"`]);
+      const children = await startAll([
+        ...(withReporter ? [role("reporter", where.reporter, reporterPort)] : []),
+        role("coordinator", where.far, coordinatorPort),
+        role("local", where.near, localPort),
+      ]);
+      // Memory is judged on local + coordinator (the reporter is a separate, idle service).
+      const memChildren = children.filter((c) => !c.name.endsWith(" reporter"));
+      return running({ kind: "http", host: where.near.ip, port: localPort }, children, [`natproxy log_level "warn"`, env.pin ? "trusts the coordinator by [local] fingerprint (--pin)" : "trusts the coordinator by [local] ca"], memChildren);
     },
   };
 }
@@ -260,7 +285,6 @@ export const CONTENDERS: Contender[] = [
   direct,
   squid,
   shadowsocks,
-  natproxyContender("natproxy"),
-  // The warm-pool "outbound" tunnel path: measured once the build accepts the key.
-  natproxyContender("natproxy-outbound", { tunnel: "outbound" }, 'dist/natproxy, [local] tunnel = "outbound" (warm pool)'),
+  natproxyContender("natproxy-connect-back", "connect-back"),
+  natproxyContender("natproxy-outbound", "outbound"),
 ];

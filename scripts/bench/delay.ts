@@ -9,9 +9,11 @@
 // web host; natproxy's reporter on the reporter host. Only TTFB is measured
 // here (the lab's delay line is a userspace relay, not made for bulk).
 import { execFile } from "node:child_process";
+import { randomBytes } from "node:crypto";
+import { existsSync } from "node:fs";
 import type { ClientJob } from "./client.ts";
 import { SkipContender, type BenchEnv, type Contender, type Placement, type RunningContender, type Site } from "./contenders.ts";
-import { startChild, stopChild } from "./procs.ts";
+import { startChild, stopChild, tellWatchdog } from "./procs.ts";
 import { runClient, startTarget, type Target } from "./runner.ts";
 import { median } from "./stats.ts";
 
@@ -48,14 +50,27 @@ export async function runDelayPhase(o: {
 }): Promise<DelayResult> {
   const result: DelayResult = { measured: false, note: "", rttSamplesMs: [], contenders: {} };
   // Loaded only here: the lab module installs its own exit handlers.
-  const { createLab, labUnavailableReason } = await import("../natlab.ts");
+  const { createLab, labUnavailableReason, removeLeftovers } = await import("../natlab.ts");
   const reason = await labUnavailableReason();
   if (reason) {
     result.note = `the NAT lab cannot run here (${reason})`;
     return result;
   }
   o.log(`--delay: building the NAT lab (${LAB_NAT} NAT, ${LAB_ONE_WAY_DELAY_MS} ms each way)...`);
-  const lab = await createLab({ nat: LAB_NAT, delayMs: LAB_ONE_WAY_DELAY_MS });
+  // Our own prefix, told to the watchdog before the first namespace exists:
+  // if the bench is killed (SIGKILL) mid-way, the watchdog removes the lab.
+  let prefix = "";
+  do prefix = `nb${randomBytes(3).toString("hex")}-`;
+  while (existsSync(`/run/netns/${prefix}rtr`) || existsSync(`/var/run/netns/${prefix}rtr`));
+  tellWatchdog(`netns ${prefix}`);
+  let lab: Awaited<ReturnType<typeof createLab>>;
+  try {
+    lab = await createLab({ nat: LAB_NAT, delayMs: LAB_ONE_WAY_DELAY_MS, prefix });
+  } catch (err) {
+    removeLeftovers(prefix);
+    tellWatchdog(`-netns ${prefix}`);
+    throw err;
+  }
   const started: RunningContender[] = [];
   let target: Target | undefined;
   try {
@@ -133,5 +148,6 @@ export async function runDelayPhase(o: {
     for (const run of started.reverse()) await run.stop();
     if (target) await stopChild(target.child);
     await lab.destroy();
+    tellWatchdog(`-netns ${prefix}`);
   }
 }

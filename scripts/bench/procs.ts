@@ -34,6 +34,11 @@ export function setWatchdog(write: (line: string) => void): void {
   watchdog = write;
 }
 
+/** A line for the watchdog (see watchdog.ts), e.g. "netns PREFIX" / "-netns PREFIX". */
+export function tellWatchdog(line: string): void {
+  watchdog?.(`${line}\n`);
+}
+
 /** Spawns a tracked child; `stdout: "pipe"` keeps stdout for the caller, otherwise it goes to the log. */
 export function startChild(name: string, cmd: string, args: string[], opts: SpawnOptions & { keepStdout?: boolean } = {}): Child {
   if (shuttingDown) throw new Error(`not starting ${name}: the bench is exiting`);

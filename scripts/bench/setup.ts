@@ -2,7 +2,7 @@
 // missing, their system services stopped and disabled: the bench runs its own
 // instances) and the natproxy binary (built when missing).
 import { spawnSync } from "node:child_process";
-import { existsSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, readdirSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 
 const has = (cmd: string): boolean => spawnSync("sh", ["-c", `command -v ${cmd}`], { stdio: "ignore" }).status === 0;
@@ -13,8 +13,9 @@ const NEEDED: Array<[string, string]> = [
   ["squid", "squid"],
   ["ss-server", "shadowsocks-libev"],
   ["ss-local", "shadowsocks-libev"],
-  ["rsvg-convert", "librsvg2-bin"],
 ];
+/** Nice to have: without it the chart stays an SVG. */
+const OPTIONAL: Array<[string, string]> = [["rsvg-convert", "librsvg2-bin"]];
 /** Packages that come with a system service the bench must not leave running. */
 const SERVICES: Record<string, string> = { squid: "squid", "shadowsocks-libev": "shadowsocks-libev" };
 
@@ -25,9 +26,23 @@ function run(cmd: string, args: string[], env?: NodeJS.ProcessEnv): { status: nu
 
 export function ensurePackages(log: (s: string) => void): void {
   const missing = [...new Set(NEEDED.filter(([cmd]) => !has(cmd)).map(([, pkg]) => pkg))];
-  if (missing.length === 0) return;
-  if (process.getuid?.() !== 0) throw new Error(`missing ${missing.join(", ")}; install them (apt-get install --no-install-recommends ${missing.join(" ")}) or run as root`);
-  log(`installing ${missing.join(", ")} (apt-get)...`);
+  const optional = [...new Set(OPTIONAL.filter(([cmd]) => !has(cmd)).map(([, pkg]) => pkg))];
+  if (missing.length === 0 && (optional.length === 0 || process.getuid?.() !== 0)) return;
+  if (missing.length && process.getuid?.() !== 0) throw new Error(`missing ${missing.join(", ")}; install them (apt-get install --no-install-recommends ${missing.join(" ")}) or run as root`);
+  if (missing.length) install(missing, log);
+  if (optional.length) {
+    try {
+      install(optional, log);
+    } catch (err) {
+      log(`could not install ${optional.join(", ")} (the chart stays an SVG): ${(err as Error).message.split("\n")[0]}`);
+    }
+  }
+  const still = NEEDED.filter(([cmd]) => !has(cmd)).map(([cmd]) => cmd);
+  if (still.length) throw new Error(`still missing after install: ${still.join(", ")}`);
+}
+
+function install(pkgs: string[], log: (s: string) => void): void {
+  log(`installing ${pkgs.join(", ")} (apt-get)...`);
   // Keep Debian's postinst from starting the services at all; our own
   // policy-rc.d only while installing, and only if there is none already.
   const policy = "/usr/sbin/policy-rc.d";
@@ -35,23 +50,21 @@ export function ensurePackages(log: (s: string) => void): void {
   if (ownPolicy) writeFileSync(policy, "#!/bin/sh\nexit 101\n", { mode: 0o755 });
   try {
     const env = { DEBIAN_FRONTEND: "noninteractive" };
-    const args = ["install", "-y", "--no-install-recommends", ...missing];
+    const args = ["install", "-y", "--no-install-recommends", ...pkgs];
     let r = run("apt-get", args, env);
     if (r.status !== 0) {
       log("apt-get install failed; running apt-get update once and retrying...");
       run("apt-get", ["update"], env);
       r = run("apt-get", args, env);
     }
-    if (r.status !== 0) throw new Error(`apt-get install ${missing.join(" ")} failed:\n${r.out.trim().split("\n").slice(-15).join("\n")}`);
+    if (r.status !== 0) throw new Error(`apt-get install ${pkgs.join(" ")} failed:\n${r.out.trim().split("\n").slice(-15).join("\n")}`);
   } finally {
     if (ownPolicy) rmSync(policy, { force: true });
   }
-  for (const pkg of missing) {
+  for (const pkg of pkgs) {
     const svc = SERVICES[pkg];
     if (svc) log(disableService(svc));
   }
-  const still = NEEDED.filter(([cmd]) => !has(cmd)).map(([cmd]) => cmd);
-  if (still.length) throw new Error(`still missing after install: ${still.join(", ")}`);
 }
 
 /** Stops the Debian service if its init script says it runs, and disables it for boot. */
@@ -73,11 +86,45 @@ function disableService(svc: string): string {
   return `system service ${svc}: ${done.join(", ") || "nothing to do"}`;
 }
 
-export function ensureBinary(root: string, force: boolean, log: (s: string) => void): string {
+/** Newest modification time (ms) of the files the binary is built from. */
+function newestSource(root: string): { mtime: number; file: string } {
+  let best = { mtime: 0, file: "" };
+  const visit = (p: string): void => {
+    let st;
+    try {
+      st = statSync(p);
+    } catch {
+      return;
+    }
+    if (st.isDirectory()) {
+      for (const name of readdirSync(p)) visit(join(p, name));
+    } else if (st.mtimeMs > best.mtime) {
+      best = { mtime: st.mtimeMs, file: p };
+    }
+  };
+  for (const p of ["src", "package.json", "package-lock.json", join("scripts", "build.ts")]) visit(join(root, p));
+  return best;
+}
+
+/**
+ * dist/natproxy, built (npm run build) when it is missing, older than any
+ * file under src/ (or the build inputs), or `force`. If a rebuild of a stale
+ * binary fails (sources in the middle of an edit), the existing binary is
+ * used and the returned note says so.
+ */
+export function ensureBinary(root: string, force: boolean, log: (s: string) => void): { bin: string; note?: string } {
   const bin = join(root, "dist", "natproxy");
-  if (existsSync(bin) && !force) return bin;
-  log(`${force ? "rebuilding" : "building"} dist/natproxy (npm run build)...`);
-  const r = spawnSync(process.execPath, [join(root, "scripts", "build.ts")], { cwd: root, stdio: "inherit", timeout: 5 * 60_000 });
-  if (r.status !== 0 || !existsSync(bin)) throw new Error(`the build failed (exit ${r.status ?? r.signal})`);
-  return bin;
+  const exists = existsSync(bin);
+  const newest = newestSource(root);
+  const stale = exists && statSync(bin).mtimeMs < newest.mtime;
+  if (exists && !force && !stale) return { bin };
+  const why = !exists ? "building" : force ? "rebuilding (--rebuild)" : `rebuilding (${newest.file.slice(root.length + 1)} is newer than the binary)`;
+  log(`${why} dist/natproxy (npm run build)...`);
+  const r = spawnSync(process.execPath, [join(root, "scripts", "build.ts")], { cwd: root, encoding: "utf8", timeout: 5 * 60_000 });
+  if (r.status === 0 && existsSync(bin)) return { bin };
+  const tail = `${r.stdout ?? ""}${r.stderr ?? ""}`.trim().split("\n").slice(-8).join("\n");
+  if (!existsSync(bin)) throw new Error(`the build failed (exit ${r.status ?? r.signal}):\n${tail}`);
+  const note = `the rebuild failed (exit ${r.status ?? r.signal}); measured the existing dist/natproxy, built before the latest source changes`;
+  log(`${note}:\n${tail}`);
+  return { bin, note };
 }
