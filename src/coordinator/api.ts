@@ -38,15 +38,16 @@ export function apiHandler(ctx: ApiContext) {
 
 async function handle(ctx: ApiContext, req: IncomingMessage, res: ServerResponse): Promise<void> {
   const path = (req.url ?? "").split("?")[0];
-  const route = path === API.hello || path === API.sessions || path === API.probe || path === API.tunnel ? path : undefined;
-  if (!route) throw new NatproxyError("NOT_FOUND", `${req.method} ${path}`);
-  // Authentication comes before anything else is looked at: an unauthenticated
-  // peer learns nothing but 401.
+  // Authentication comes before anything else is looked at, the path too: an
+  // unauthenticated peer learns nothing but 401.
   const token = ctx.checkToken(req.headers.authorization);
   if (token === undefined) {
+    req.resume();
     res.setHeader("WWW-Authenticate", 'Bearer realm="natproxy"');
     throw new NatproxyError("UNAUTHORIZED");
   }
+  const route = path === API.hello || path === API.sessions || path === API.probe || path === API.tunnel ? path : undefined;
+  if (!route) throw new NatproxyError("NOT_FOUND", `${req.method} ${path}`);
   if (route === API.hello) {
     if (req.method !== "GET") throw methodNotAllowed(res, "GET");
     req.resume();

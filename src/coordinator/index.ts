@@ -50,6 +50,8 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
     allowHalfOpen: true,
     requestTimeout: config.request_timeout,
     headersTimeout: Math.min(config.request_timeout, config.handshake_timeout),
+    // Node checks those deadlines every 30 s by default: far too late.
+    connectionsCheckingInterval: Math.min(1000, Math.ceil(Math.min(config.request_timeout, config.handshake_timeout) / 2)),
     keepAliveTimeout: config.keep_alive_timeout,
     handshakeTimeout: config.handshake_timeout,
   });

@@ -42,14 +42,14 @@ export function upgradeHandler(ctx: OutboundContext) {
     socket.on("error", () => {});
     const client = formatHostPort(unmapIPv4(req.socket.remoteAddress ?? "?"), req.socket.remotePort ?? 0);
     const path = (req.url ?? "").split("?")[0];
-    if (path !== API.tunnel) {
-      refuse(socket, new NatproxyError("NOT_FOUND", `${req.method} ${path}`));
-      return;
-    }
     // As on the API: nothing but 401 for a peer without a valid token.
     const token = ctx.checkToken(req.headers.authorization);
     if (token === undefined) {
       refuse(socket, new NatproxyError("UNAUTHORIZED"), { "WWW-Authenticate": 'Bearer realm="natproxy"' });
+      return;
+    }
+    if (path !== API.tunnel) {
+      refuse(socket, new NatproxyError("NOT_FOUND", `${req.method} ${path}`));
       return;
     }
     if ((req.headers.upgrade ?? "").toLowerCase() !== TUNNEL_PROTOCOL) {
@@ -89,9 +89,20 @@ export function upgradeHandler(ctx: OutboundContext) {
 
     function fail(e: NatproxyError): void {
       ctx.log.info(formatSession({ session: "-", client, target: "?", path: "outbound", outcome: e.code, up: 0, down: 0, ms: 0, detail: e.message }));
-      socket.end(encodeResult({ code: e.code, message: e.message }));
+      closeWith(socket, encodeResult({ code: e.code, message: e.message }));
     }
   };
+}
+
+/**
+ * Writes a last answer and closes, whatever the peer does: nothing reads
+ * this socket any more, so a peer that keeps sending (and never closes its
+ * side) must not hold it open. The rest of its input is discarded.
+ */
+function closeWith(socket: Duplex, last: Buffer | string): void {
+  socket.resume();
+  socket.write(last);
+  (socket as Socket).destroySoon();
 }
 
 async function serve(ctx: OutboundContext, socket: Duplex, open: OpenRequest, client: string): Promise<void> {
@@ -109,7 +120,7 @@ async function serve(ctx: OutboundContext, socket: Duplex, open: OpenRequest, cl
     const e = err instanceof NatproxyError ? err : new NatproxyError("INTERNAL", (err as Error).message);
     socket.off("close", onGone);
     record(e.code, 0, 0, e.message);
-    socket.end(encodeResult({ code: e.code, message: e.message }));
+    closeWith(socket, encodeResult({ code: e.code, message: e.message }));
     return;
   }
   socket.off("close", onGone);
@@ -130,5 +141,5 @@ function refuse(socket: Duplex, e: NatproxyError, headers: Record<string, string
     "Connection: close",
     ...Object.entries(headers).map(([k, v]) => `${k}: ${v}`),
   ];
-  socket.end(`${lines.join("\r\n")}\r\n\r\n${body}`);
+  closeWith(socket, `${lines.join("\r\n")}\r\n\r\n${body}`);
 }

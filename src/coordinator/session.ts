@@ -80,6 +80,8 @@ export async function openSession(req: SessionRequest, ctx: SessionContext): Pro
   } catch (err) {
     const e = err as NatproxyError;
     back.end(encodeResult({ code: e.code, message: e.message }));
+    // The local proxy closes on reading it; one that does not is not waited for.
+    back.setTimeout(ctx.finTimeout, () => back.destroy());
     release();
     record(e.code ?? "ERROR", 0, 0, e.message);
     throw e;

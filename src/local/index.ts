@@ -109,6 +109,9 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
     maxHeaderSize: config.max_header_size,
     // A browser that opens a connection and sends no complete head is dropped.
     headersTimeout: config.connect_timeout,
+    // Node checks those deadlines every 30 s by default, which would let a
+    // slowloris peer hold a connection half a minute past its deadline.
+    connectionsCheckingInterval: Math.min(1000, Math.ceil(config.connect_timeout / 2)),
     requestTimeout: 0,
     // An idle browser connection is an idle session; pooled tunnels behind it
     // close on their own after pool_idle_timeout.

@@ -199,14 +199,14 @@ export class TunnelService extends EventEmitter<Events> {
         drop(refused.code);
         return;
       }
-      readMessage(secure).then(
-        (msg) => {
+      readMessage(secure)
+        .then((msg) => {
+          // Throws for any other message type or size: dropped below.
           const id = sessionIdOf(msg);
           if (!this.#sessions.deliver(id, secure)) drop(`unknown or expired session ${id}`);
           else raw.setTimeout(0);
-        },
-        (err: Error) => drop(err.message),
-      );
+        })
+        .catch((err: Error) => drop(err.message));
     });
   }
 
