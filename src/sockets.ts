@@ -42,3 +42,17 @@ export class SocketRegistry {
     this.#live.clear();
   }
 }
+
+/**
+ * Writes a last answer and closes, whatever the peer does. Used where nothing
+ * reads the socket any more (a refused CONNECT or Upgrade): a peer that keeps
+ * sending, and never closes its side, must not hold it half-open forever.
+ * The rest of its input is discarded.
+ */
+export function closeWith(socket: Duplex, last: Buffer | string): void {
+  socket.resume();
+  socket.write(last);
+  const s = socket as Duplex & { destroySoon?: () => void };
+  if (typeof s.destroySoon === "function") s.destroySoon();
+  else socket.end(() => socket.destroy());
+}

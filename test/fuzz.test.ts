@@ -21,7 +21,7 @@ import { waitUntil } from "./helpers/wait.ts";
 // (STUN over TCP). Every case is generated from a seeded PRNG:
 //
 //   FUZZ_SEED=<n> node --test test/fuzz.test.ts          same cases again
-//   FUZZ_SEED=<n> FUZZ_ONLY=<tag>#<i> node --test ...     one case only
+//   FUZZ_SEED=<n> FUZZ_ONLY=<tag>#<i> node --test ...     one case only (or #<i>-<j>, a range)
 //   FUZZ_CASES=<n>                                        cases per port (300)
 //
 // Each port's loop is bounded in count and in time (a few seconds), so the
@@ -399,13 +399,14 @@ async function runCases(tag: string, budgetMs: number, one: (rng: Rng, i: number
   const started = performance.now();
   const failures: string[] = [];
   let ran = 0;
-  let only: number | undefined;
+  let indices = Array.from({ length: CASES }, (_, i) => i);
   if (ONLY) {
-    const [onlyTag, index] = ONLY.split("#");
+    // "<tag>#<i>" replays one case, "<tag>#<i>-<j>" a range (to bisect).
+    const [onlyTag, index = ""] = ONLY.split("#");
     if (onlyTag !== tag) return { ran: 0, failures, ms: 0 };
-    only = Number(index);
+    const [from, to = from] = index.split("-").map(Number);
+    indices = indices.filter((i) => i >= (from as number) && i <= (to as number));
   }
-  const indices = only === undefined ? Array.from({ length: CASES }, (_, i) => i) : [only];
   let next = 0;
   const worker = async () => {
     while (next < indices.length && performance.now() - started < budgetMs) {
@@ -607,6 +608,7 @@ describe(`fuzz (seed ${SEED})`, () => {
         }
         payload = Buffer.concat(parts);
       }
+      if (process.env.FUZZ_DEBUG) console.log("payload", JSON.stringify(payload.toString("latin1")));
       const x = await talk(net.connect(port, "127.0.0.1"), "connect", split(rng, payload), { finDelay: finDelay(rng) });
       if (!x.ready) return `could not connect (${x.error}): the listener is gone?`;
       if (x.hung) return `no close within ${CASE_DEADLINE_MS} ms after the request and FIN; sent ${show(payload)}, got ${show(x.data)}`;

@@ -7,7 +7,7 @@ import { formatHostPort, unmapIPv4 } from "../address.ts";
 import { bridge } from "../bridge.ts";
 import { NatproxyError } from "../errors.ts";
 import { formatSession } from "../request-log.ts";
-import type { SocketRegistry } from "../sockets.ts";
+import { closeWith, type SocketRegistry } from "../sockets.ts";
 import type { TargetPolicy } from "../target-policy.ts";
 import { encodeResult, isSessionId, openOf, readMessage, type OpenRequest } from "../wire.ts";
 import { API, isTargetHost } from "./api.ts";
@@ -94,16 +94,6 @@ export function upgradeHandler(ctx: OutboundContext) {
   };
 }
 
-/**
- * Writes a last answer and closes, whatever the peer does: nothing reads
- * this socket any more, so a peer that keeps sending (and never closes its
- * side) must not hold it open. The rest of its input is discarded.
- */
-function closeWith(socket: Duplex, last: Buffer | string): void {
-  socket.resume();
-  socket.write(last);
-  (socket as Socket).destroySoon();
-}
 
 async function serve(ctx: OutboundContext, socket: Duplex, open: OpenRequest, client: string): Promise<void> {
   const started = performance.now();

@@ -5,7 +5,7 @@ import { formatHostPort } from "../address.ts";
 import { NatproxyError } from "../errors.ts";
 import { closeServer, listen } from "../listen.ts";
 import { roleLogger } from "../log.ts";
-import { SocketRegistry } from "../sockets.ts";
+import { closeWith, SocketRegistry } from "../sockets.ts";
 import { describeTrust, makeTrust } from "../tls/trust.ts";
 import type { HandlerContext } from "./context.ts";
 import { makeCoordinatorClient } from "./coordinator-client.ts";
@@ -123,8 +123,8 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
   server.on("connection", (s) => sockets.add(s));
   server.on("clientError", (err: NodeJS.ErrnoException, socket) => {
     log.debug(`browser connection error: ${err.code ?? err.message}`);
-    if (socket.writable && err.code === "HPE_HEADER_OVERFLOW") socket.end("HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\n\r\n");
-    else if (socket.writable) socket.end("HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n");
+    if (socket.writable && err.code === "HPE_HEADER_OVERFLOW") closeWith(socket, "HTTP/1.1 431 Request Header Fields Too Large\r\nConnection: close\r\n\r\n");
+    else if (socket.writable) closeWith(socket, "HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n");
     else socket.destroy();
   });
   let proxyAddress: AddressInfo;

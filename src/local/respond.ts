@@ -1,6 +1,7 @@
 import { STATUS_CODES, type ServerResponse } from "node:http";
 import type { Duplex } from "node:stream";
 import { NatproxyError } from "../errors.ts";
+import { closeWith } from "../sockets.ts";
 
 // What the browser sees when a session fails: a real status, and the reason
 // in the body, so "why does this page not load" has an answer on screen.
@@ -32,7 +33,7 @@ export function writeRawError(socket: Duplex, e: NatproxyError, extraHeaders: Re
   const head = `HTTP/1.1 ${e.status} ${STATUS_CODES[e.status] ?? "Error"}\r\n${Object.entries(headers)
     .map(([k, v]) => `${k}: ${v}\r\n`)
     .join("")}\r\n`;
-  socket.end(head + body);
+  closeWith(socket, head + body);
 }
 
 export function sendError(res: ServerResponse, e: NatproxyError, extraHeaders: Record<string, string> = {}): void {
