@@ -1,5 +1,6 @@
 import type { AddressInfo } from "node:net";
 import https from "node:https";
+import type { Duplex } from "node:stream";
 import tls from "node:tls";
 import type { CoordinatorConfig } from "../config.ts";
 import { roleLogger } from "../log.ts";
@@ -56,6 +57,7 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
     handshakeTimeout: config.handshake_timeout,
   });
   const checkToken = makeTokenCheck(config.tokens);
+  const waiting = new Set<Duplex>();
   server.on(
     "request",
     apiHandler({
@@ -72,6 +74,7 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
       checkToken,
       policy: sessionCtx.policy,
       limits: sessionCtx.limits,
+      waiting,
       connectTimeout: config.connect_timeout,
       openTimeout: config.keep_alive_timeout,
       idleTimeout: config.session_idle_timeout,
@@ -95,6 +98,8 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
     async close(opts = {}) {
       const closing = closeServer(server);
       server.closeIdleConnections();
+      // Ready connections that carry no tunnel yet are idle, not live.
+      for (const s of waiting) s.destroy();
       if (opts.graceMs && sessionCtx.limits.active > 0) {
         log.info(`waiting up to ${opts.graceMs} ms for ${sessionCtx.limits.active} tunnel(s) to finish`);
         if (!(await sockets.whenEmpty(opts.graceMs))) log.warn(`cutting ${sockets.size} connection(s) still open after ${opts.graceMs} ms`);

@@ -27,6 +27,8 @@ export interface OutboundContext {
   idleTimeout: number;
   finTimeout: number;
   sockets: SocketRegistry;
+  /** Upgraded connections still waiting for their Open (a local proxy's ready pool). */
+  waiting: Set<Duplex>;
   log: ConsolaInstance;
 }
 
@@ -59,8 +61,13 @@ export function upgradeHandler(ctx: OutboundContext) {
     socket.write(`HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: ${TUNNEL_PROTOCOL}\r\n\r\n`);
     if (head.length) socket.unshift(head);
     (socket as Socket).setTimeout(ctx.openTimeout, () => socket.destroy());
+    ctx.waiting.add(socket);
+    const notWaiting = () => ctx.waiting.delete(socket);
+    socket.once("close", notWaiting);
     readMessage(socket).then(
       (msg) => {
+        notWaiting();
+        socket.off("close", notWaiting);
         let open: OpenRequest;
         try {
           open = openOf(msg);

@@ -14,6 +14,7 @@ import { makeRequestHandler } from "./handle-request.ts";
 import { makeUpgradeHandler } from "./handle-upgrade.ts";
 import { makeProxyAuth } from "./proxy-auth.ts";
 import { OutboundDialer } from "./outbound.ts";
+import { OutboundPool } from "./outbound-pool.ts";
 import { PathChooser, describeReachability, probeConnectBack, resolveHost, type Reachability, type TunnelPath } from "./path.ts";
 import { SessionTable } from "./sessions.ts";
 import { TunnelService, type TunnelState } from "./tunnel-service.ts";
@@ -32,6 +33,8 @@ export interface Local {
   pendingSessions(): number;
   /** Browser connections waiting for a tunnel, on either path. */
   openingTunnels(): number;
+  /** The outbound path's pool of ready connections. */
+  outboundPool: OutboundPool;
   liveSockets(): number;
   tunnelService: TunnelService;
   /**
@@ -55,7 +58,8 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
   const sockets = new SocketRegistry();
   const tunnelService = new TunnelService({ config, trust, sessions, sockets, log });
 
-  const outbound = new OutboundDialer({ url: config.coordinatorUrl, token: config.token, trust, timeout: config.connect_timeout });
+  const dialer = new OutboundDialer({ url: config.coordinatorUrl, token: config.token, trust, timeout: config.connect_timeout });
+  const outbound = new OutboundPool(dialer, { size: config.pool_size, maxAge: config.pool_idle_timeout, grace: config.connect_back_grace });
   const paths = new PathChooser(config.tunnel, log);
 
   const checking = coordinator.hello(config.connect_timeout).then(
@@ -79,6 +83,7 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
     // state, a new address) has broken pooled API connections too; they would
     // swallow the next requests until TCP gave up on them, minutes later.
     coordinator.dropIdleConnections();
+    outbound.flush();
   });
   // An auto proxy on the outbound path keeps asking whether connect-back
   // works again (a NAT or firewall that opened up, a coordinator briefly out
@@ -133,6 +138,7 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
   } catch (err) {
     // Nothing may outlive a start that failed: timers, the reporter link, pools.
     clearInterval(reprobe);
+    outbound.close();
     sessions.failAll(new NatproxyError("SHUTTING_DOWN"));
     await tunnelService.close();
     agent.destroy();
@@ -150,11 +156,13 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
     reachability: () => paths.reachability,
     pendingSessions: () => sessions.size,
     openingTunnels: () => tunnels.opening.count,
+    outboundPool: outbound,
     liveSockets: () => sockets.size,
     tunnelService,
     close(opts = {}) {
       closing ??= (async () => {
         clearInterval(reprobe);
+        outbound.close();
         const stopped = closeServer(server);
         server.closeIdleConnections();
         sessions.failAll(new NatproxyError("SHUTTING_DOWN"));

@@ -53,6 +53,11 @@ export class OutboundDialer {
     t.socket.destroy();
   }
 
+  /** A connection upgraded and waiting for its Open (for the pool of ready connections). */
+  upgrade(): Promise<OutboundTunnel> {
+    return this.#dial(undefined);
+  }
+
   #dial(open: { session: string; target: HostPort } | undefined, signal?: AbortSignal): Promise<OutboundTunnel> {
     const { url, token, trust, timeout } = this.#opts;
     const port = Number(url.port || 443);
@@ -112,6 +117,7 @@ export class OutboundDialer {
             }
             if (!open) {
               finish();
+              socket.on("error", () => {});
               resolve({ socket, overhead: size, sentOverhead: first.length });
               return;
             }

@@ -28,7 +28,8 @@ export interface Tunnel {
 export interface TunnelOpenerOptions {
   sessions: SessionTable;
   coordinator: CoordinatorClient;
-  outbound: OutboundDialer;
+  /** The outbound path: the pool of ready connections, or a plain dialer. */
+  outbound: Pick<OutboundDialer, "open">;
   paths: PathChooser;
   tunnelState: () => TunnelState | undefined;
   connectTimeout: number;

@@ -1,0 +1,176 @@
+import type tls from "node:tls";
+import type { HostPort } from "../address.ts";
+import { NatproxyError } from "../errors.ts";
+import { encodeOpen } from "../wire.ts";
+import { readResult, type OutboundDialer, type OutboundTunnel } from "./outbound.ts";
+
+interface Ready {
+  socket: tls.TLSSocket;
+  born: number;
+  /** Cleartext bytes of the Upgrade exchange, for the session's byte counts. */
+  headSent: number;
+  headRead: number;
+  timer: NodeJS.Timeout;
+  onClose: () => void;
+}
+
+export interface PoolOptions {
+  /** Upgraded connections kept ready; 0 turns the pool off. */
+  size: number;
+  /** A ready connection older than this is closed (the coordinator drops idle ones too). */
+  maxAge: number;
+  /** A pooled connection whose Result is this late gets a fresh dial beside it. */
+  grace: number;
+}
+
+/**
+ * A few outbound connections, already TLS'd, authenticated and upgraded, kept
+ * ready so that a browser connection costs one round trip (Open -> Result)
+ * instead of TCP + TLS + Upgrade. Filled on demand: an idle proxy holds
+ * nothing for long. A pooled connection may have died silently (a NAT that
+ * forgot it): if its Result is late, a fresh dial runs beside it and the
+ * first tunnel up wins.
+ */
+export class OutboundPool {
+  readonly #dialer: OutboundDialer;
+  readonly #opts: PoolOptions;
+  readonly #ready: Ready[] = [];
+  #filling = 0;
+  #closed = false;
+  /** Tunnels served from the pool (for tests and diagnostics). */
+  hits = 0;
+
+  constructor(dialer: OutboundDialer, opts: PoolOptions) {
+    this.#dialer = dialer;
+    this.#opts = opts;
+  }
+
+  get size(): number {
+    return this.#ready.length;
+  }
+
+  async open(session: string, target: HostPort, signal?: AbortSignal): Promise<OutboundTunnel> {
+    const ready = this.#take();
+    this.#fill();
+    if (!ready) return this.#dialer.open(session, target, signal);
+    return new Promise((resolve, reject) => {
+      let settled = false;
+      let fresh: "idle" | "running" = "idle";
+      const win = (t: OutboundTunnel) => {
+        if (settled) {
+          t.socket.destroy();
+          return;
+        }
+        settled = true;
+        clearTimeout(hedge);
+        resolve(t);
+      };
+      const lose = (err: unknown) => {
+        if (settled) return;
+        settled = true;
+        clearTimeout(hedge);
+        ready.socket.destroy();
+        reject(err);
+      };
+      const startFresh = () => {
+        if (settled || fresh !== "idle") return;
+        fresh = "running";
+        this.#dialer.open(session, target, signal).then(
+          (t) => {
+            ready.socket.destroy();
+            win(t);
+          },
+          // The fresh dial is the ground truth: if it cannot reach the
+          // coordinator, a pooled connection that has not answered by now
+          // will not either.
+          (err: unknown) => lose(err),
+        );
+      };
+      const hedge = setTimeout(startFresh, this.#opts.grace);
+      const onAbort = () => lose(new NatproxyError("BAD_REQUEST", "the browser went away"));
+      signal?.addEventListener("abort", onAbort, { once: true });
+      const open = encodeOpen({ session, target });
+      ready.socket.write(open);
+      readResult(ready.socket).then(
+        ({ msg }) => {
+          signal?.removeEventListener("abort", onAbort);
+          this.hits++;
+          win({ socket: ready.socket, overhead: ready.headRead + 8 + msg.payload.length, sentOverhead: ready.headSent + open.length });
+        },
+        (err: unknown) => {
+          signal?.removeEventListener("abort", onAbort);
+          // The target's own answer (refused, forbidden...) is the answer;
+          // a dead pooled connection is not: dial afresh at once.
+          if (err instanceof NatproxyError) return lose(err);
+          startFresh();
+        },
+      );
+    });
+  }
+
+  /** Closes every ready connection (the network changed, or shutting down). */
+  flush(): void {
+    for (const r of this.#ready.splice(0)) {
+      clearTimeout(r.timer);
+      r.socket.destroy();
+    }
+  }
+
+  close(): void {
+    this.#closed = true;
+    this.flush();
+  }
+
+  #take(): Ready | undefined {
+    while (this.#ready.length) {
+      const r = this.#ready.pop() as Ready;
+      clearTimeout(r.timer);
+      r.socket.off("close", r.onClose);
+      r.socket.off("end", r.onClose);
+      // Back to paused mode: the Result is read with read(), then piped.
+      r.socket.pause();
+      if (!r.socket.destroyed && !r.socket.readableEnded && performance.now() - r.born < this.#opts.maxAge) return r;
+      r.socket.destroy();
+    }
+    return undefined;
+  }
+
+  #fill(): void {
+    while (!this.#closed && this.#ready.length + this.#filling < this.#opts.size) {
+      this.#filling++;
+      this.#dialer.upgrade().then(
+        (t) => {
+          this.#filling--;
+          if (this.#closed) {
+            t.socket.destroy();
+            return;
+          }
+          const r: Ready = {
+            socket: t.socket,
+            born: performance.now(),
+            headSent: t.sentOverhead,
+            headRead: t.overhead,
+            timer: setTimeout(() => this.#drop(r), this.#opts.maxAge),
+            onClose: () => this.#drop(r),
+          };
+          // Flowing while it waits, so that the coordinator closing it (a FIN,
+          // with half-open sockets) is seen at once and not only when taken.
+          t.socket.once("close", r.onClose);
+          t.socket.once("end", r.onClose);
+          t.socket.resume();
+          this.#ready.push(r);
+        },
+        // A failed fill is not retried here: the next browser connection
+        // dials afresh anyway, and tries to fill again.
+        () => this.#filling--,
+      );
+    }
+  }
+
+  #drop(r: Ready): void {
+    clearTimeout(r.timer);
+    const k = this.#ready.indexOf(r);
+    if (k >= 0) this.#ready.splice(k, 1);
+    r.socket.destroy();
+  }
+}

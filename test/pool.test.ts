@@ -1,0 +1,150 @@
+import assert from "node:assert/strict";
+import { once } from "node:events";
+import net, { type AddressInfo } from "node:net";
+import { after, before, test } from "node:test";
+import { resolveConfig } from "../src/config.ts";
+import { startCoordinator, type Coordinator } from "../src/coordinator/index.ts";
+import { startLocal, type Local } from "../src/local/index.ts";
+import { connectThrough } from "./helpers/client.ts";
+import { captureLogs } from "./helpers/logs.ts";
+import { testPki, type TestPki } from "./helpers/pki.ts";
+import { LOOPBACK_TARGETS, TOKEN } from "./helpers/stack.ts";
+import { startHttpTarget, type Target } from "./helpers/targets.ts";
+import { waitUntil } from "./helpers/wait.ts";
+
+// The outbound path's pool of ready (TLS'd, authenticated, upgraded)
+// connections: used when there, refilled on demand, gone when idle, and never
+// a trap when a pooled connection died without a word.
+
+/** A TCP relay to the coordinator whose existing connections can be frozen (a NAT that forgot them). */
+async function startRelay(to: number): Promise<{ port: number; freeze(): void; close(): void }> {
+  const pairs: [net.Socket, net.Socket][] = [];
+  const server = net.createServer((a) => {
+    const b = net.connect(to, "127.0.0.1");
+    for (const s of [a, b]) s.on("error", () => {});
+    a.pipe(b);
+    b.pipe(a);
+    a.on("close", () => b.destroy());
+    b.on("close", () => a.destroy());
+    pairs.push([a, b]);
+  });
+  server.listen(0, "127.0.0.1");
+  await once(server, "listening");
+  return {
+    port: (server.address() as AddressInfo).port,
+    freeze() {
+      // Packets vanish: nothing is forwarded, nothing is closed.
+      for (const [a, b] of pairs.splice(0)) {
+        a.unpipe(b);
+        b.unpipe(a);
+        a.pause();
+        b.pause();
+      }
+    },
+    close() {
+      for (const [a, b] of pairs) {
+        a.destroy();
+        b.destroy();
+      }
+      server.close();
+    },
+  };
+}
+
+let pki: TestPki;
+let coordinator: Coordinator;
+let web: Target;
+before(async () => {
+  pki = await testPki();
+  coordinator = await startCoordinator(resolveConfig({ coordinator: { listen: "127.0.0.1:0", cert: pki.combinedFile, tokens: [TOKEN], allow_targets: LOOPBACK_TARGETS } }, "coordinator").coordinator);
+  web = await startHttpTarget();
+});
+after(async () => {
+  await coordinator?.close();
+  await web?.close();
+});
+
+function local(port: number, extra: Record<string, unknown> = {}): Promise<Local> {
+  return startLocal(
+    resolveConfig(
+      { local: { listen: "127.0.0.1:0", coordinator: `https://localhost:${port}`, token: TOKEN, reporter: "127.0.0.1:1", ca: pki.caFile, tunnel: "outbound", pool_size: 3, ...extra } },
+      "local",
+    ).local,
+  );
+}
+
+async function fetchThrough(l: Local, path: string): Promise<string> {
+  const c = await connectThrough(l.proxyAddress.port, `127.0.0.1:${web.port}`);
+  assert.equal(c.status, 200, c.body);
+  let text = "";
+  c.socket.on("data", (d: Buffer) => (text += d.toString("latin1")));
+  c.socket.write(`GET ${path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`);
+  await once(c.socket, "close");
+  return text;
+}
+
+test("after the first tunnel the pool fills, later tunnels come from it, and the byte counts stay exact", async () => {
+  const logs = captureLogs("local");
+  const l = await local(coordinator.addresses[0].port);
+  try {
+    assert.match(await fetchThrough(l, "/pooled-f"), /^HTTP\/1\.1 200/);
+    await waitUntil(() => l.outboundPool.size === 3, 3000, "the pool filled to pool_size");
+    for (let i = 0; i < 3; i++) assert.match(await fetchThrough(l, `/pooled-${i}`), /"url":"\/pooled-\d"/);
+    assert.equal(l.outboundPool.hits, 3);
+    await waitUntil(() => logs.sessions().length >= 4, 3000, "four session lines");
+    // Requests and answers of the same size: the same counts whether the
+    // tunnel was dialled (the first) or pooled (the rest).
+    const sizes = logs.sessions().map((line) => /up=(\d+) down=(\d+)/.exec(line)?.slice(1).join("/"));
+    assert.equal(new Set(sizes).size, 1, sizes.join(" "));
+  } finally {
+    logs.restore();
+    await l.close();
+  }
+});
+
+test("an idle pool empties after pool_idle_timeout and is not refilled until it is needed", async () => {
+  const l = await local(coordinator.addresses[0].port, { pool_idle_timeout: 300 });
+  try {
+    await fetchThrough(l, "/warm");
+    await waitUntil(() => l.outboundPool.size === 3, 3000, "filled");
+    await waitUntil(() => l.outboundPool.size === 0, 3000, "emptied after 300 ms");
+    await waitUntil(() => coordinator.liveSockets() <= 1, 3000, "the coordinator holds no ready connection any more");
+  } finally {
+    await l.close();
+  }
+});
+
+test("pooled connections that died silently (frozen by the network) cost the grace period, not a timeout", async () => {
+  const relay = await startRelay(coordinator.addresses[0].port);
+  const l = await local(relay.port, { connect_back_grace: 400, connect_timeout: 10_000 });
+  try {
+    await fetchThrough(l, "/warm");
+    await waitUntil(() => l.outboundPool.size === 3, 3000, "filled");
+    relay.freeze();
+    const t0 = performance.now();
+    assert.match(await fetchThrough(l, "/after-freeze"), /"url":"\/after-freeze"/);
+    const ms = performance.now() - t0;
+    assert.ok(ms >= 350 && ms < 3000, `served by a fresh dial after the grace period (${Math.round(ms)} ms)`);
+    assert.equal(l.outboundPool.hits, 0, "the frozen pooled connection did not carry it");
+  } finally {
+    await l.close();
+    relay.close();
+  }
+});
+
+test("a coordinator that goes away empties the pool at once; browsers get 502 at once, not a hang", async () => {
+  const second = await startCoordinator(resolveConfig({ coordinator: { listen: "127.0.0.1:0", cert: pki.combinedFile, tokens: [TOKEN], allow_targets: LOOPBACK_TARGETS } }, "coordinator").coordinator);
+  const l = await local(second.addresses[0].port);
+  try {
+    await fetchThrough(l, "/warm");
+    await waitUntil(() => l.outboundPool.size === 3, 3000, "filled");
+    await second.close();
+    await waitUntil(() => l.outboundPool.size === 0, 3000, "the pool saw its connections close");
+    const t0 = performance.now();
+    const c = await connectThrough(l.proxyAddress.port, `127.0.0.1:${web.port}`);
+    assert.equal(c.status, 502);
+    assert.ok(performance.now() - t0 < 2000);
+  } finally {
+    await l.close();
+  }
+});
