@@ -44,7 +44,9 @@ describe("natproxy in the NAT lab", { skip: unavailable ? `NAT lab unavailable: 
   let lab: Lab;
   let dir: string;
   let caFile: string;
-  let nextPort = 41001;
+  // Below Linux's ephemeral range (32768-60999), so that no outgoing
+  // connection of an earlier run can hold the port a run wants for P.
+  let nextPort = 21001;
   const hosts: Record<string, string> = {};
 
   before(async () => {

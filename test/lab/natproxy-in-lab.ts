@@ -187,7 +187,8 @@ function onLabTeardown(lab: Lab, fn: () => void): void {
 export async function startNatproxyInLab(lab: Lab, opts: NatproxyInLabOptions = {}): Promise<NatproxyInLab> {
   const family = opts.family ?? 4;
   const localHosts = opts.localHosts ?? ["lan"];
-  const tunnelPort = opts.tunnelPort ?? 40001;
+  // Below Linux's ephemeral range (32768-60999): no outgoing connection can hold it.
+  const tunnelPort = opts.tunnelPort ?? 20001;
   const proxyPort = 8080;
   const coordIp = family === 6 ? lab.coord.ip6 : lab.coord.ip4;
   const repIp = opts.combined ? coordIp : family === 6 ? lab.rep.ip6 : lab.rep.ip4;
