@@ -40,3 +40,12 @@ export function closeServer(server: Server): Promise<void> {
     server.close(() => resolve());
   });
 }
+
+/**
+ * How often an HTTP server checks its header and request deadlines. Node's
+ * default of 30 s would let a slowloris peer hold a connection half a minute
+ * past its deadline; this keeps the overshoot under a second.
+ */
+export function deadlineCheckInterval(timeout: number): number {
+  return Math.min(1000, Math.ceil(timeout / 2));
+}

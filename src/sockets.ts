@@ -1,3 +1,4 @@
+import type { Agent } from "node:http";
 import type { Duplex } from "node:stream";
 
 /**
@@ -55,4 +56,9 @@ export function closeWith(socket: Duplex, last: Buffer | string): void {
   const s = socket as Duplex & { destroySoon?: () => void };
   if (typeof s.destroySoon === "function") s.destroySoon();
   else socket.end(() => socket.destroy());
+}
+
+/** Closes a keep-alive agent's idle connections, leaving those in use alone. */
+export function destroyIdleSockets(agent: Agent): void {
+  for (const list of Object.values(agent.freeSockets)) for (const socket of list ?? []) socket.destroy();
 }

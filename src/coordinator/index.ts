@@ -4,7 +4,7 @@ import type { Duplex } from "node:stream";
 import tls from "node:tls";
 import type { CoordinatorConfig } from "../config.ts";
 import { roleLogger } from "../log.ts";
-import { listen, closeServer } from "../listen.ts";
+import { closeServer, deadlineCheckInterval, listen } from "../listen.ts";
 import { SocketRegistry } from "../sockets.ts";
 import { createTargetPolicy } from "../target-policy.ts";
 import { generateCertificate, loadKeyPair, type KeyPair } from "../tls/certs.ts";
@@ -44,15 +44,15 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
     sockets,
     log,
   };
+  const headersTimeout = Math.min(config.request_timeout, config.handshake_timeout);
   const server = https.createServer({
     ...tlsOptions,
     // Tunnels pass a half-close on (a client that ends its side after the
     // request still gets the whole answer); plain HTTP handles it itself.
     allowHalfOpen: true,
     requestTimeout: config.request_timeout,
-    headersTimeout: Math.min(config.request_timeout, config.handshake_timeout),
-    // Node checks those deadlines every 30 s by default: far too late.
-    connectionsCheckingInterval: Math.min(1000, Math.ceil(Math.min(config.request_timeout, config.handshake_timeout) / 2)),
+    headersTimeout,
+    connectionsCheckingInterval: deadlineCheckInterval(headersTimeout),
     keepAliveTimeout: config.keep_alive_timeout,
     handshakeTimeout: config.handshake_timeout,
   });

@@ -4,6 +4,7 @@ import tls from "node:tls";
 import axios, { type AxiosInstance } from "axios";
 import type { HostPort } from "../address.ts";
 import { NatproxyError, isErrorCode } from "../errors.ts";
+import { destroyIdleSockets } from "../sockets.ts";
 import { handshakeError, tlsClientOptions, verifyPeer, type Trust } from "../tls/trust.ts";
 
 /**
@@ -89,7 +90,7 @@ export function makeCoordinatorClient(opts: { url: URL; token: string; trust: Tr
       await call("post", "/v1/probe", body, signal);
     },
     dropIdleConnections: () => {
-      for (const list of Object.values(agent.freeSockets)) for (const socket of list ?? []) socket.destroy();
+      destroyIdleSockets(agent);
     },
     close: () => agent.destroy(),
   };

@@ -3,9 +3,9 @@ import type { AddressInfo } from "node:net";
 import type { LocalConfig } from "../config.ts";
 import { formatHostPort } from "../address.ts";
 import { NatproxyError } from "../errors.ts";
-import { closeServer, listen } from "../listen.ts";
+import { closeServer, deadlineCheckInterval, listen } from "../listen.ts";
 import { roleLogger } from "../log.ts";
-import { closeWith, SocketRegistry } from "../sockets.ts";
+import { closeWith, destroyIdleSockets, SocketRegistry } from "../sockets.ts";
 import { describeTrust, makeTrust } from "../tls/trust.ts";
 import type { HandlerContext } from "./context.ts";
 import { makeCoordinatorClient } from "./coordinator-client.ts";
@@ -114,9 +114,7 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
     maxHeaderSize: config.max_header_size,
     // A browser that opens a connection and sends no complete head is dropped.
     headersTimeout: config.connect_timeout,
-    // Node checks those deadlines every 30 s by default, which would let a
-    // slowloris peer hold a connection half a minute past its deadline.
-    connectionsCheckingInterval: Math.min(1000, Math.ceil(config.connect_timeout / 2)),
+    connectionsCheckingInterval: deadlineCheckInterval(config.connect_timeout),
     requestTimeout: 0,
     // An idle browser connection is an idle session; pooled tunnels behind it
     // close on their own after pool_idle_timeout.
@@ -132,18 +130,26 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
     else if (socket.writable) closeWith(socket, "HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n");
     else socket.destroy();
   });
-  let proxyAddress: AddressInfo;
-  try {
-    [proxyAddress] = await listen(server, config.listen);
-  } catch (err) {
-    // Nothing may outlive a start that failed: timers, the reporter link, pools.
+  // What a failed start and close() both stop: first the work in progress
+  // (timers, the reporter link, waiting sessions, ready connections), then,
+  // once nothing is left to wait for, every connection.
+  const stopWork = async () => {
     clearInterval(reprobe);
     outbound.close();
     sessions.failAll(new NatproxyError("SHUTTING_DOWN"));
     await tunnelService.close();
+  };
+  const release = () => {
     agent.destroy();
     coordinator.close();
     sockets.destroyAll();
+  };
+  let proxyAddress: AddressInfo;
+  try {
+    [proxyAddress] = await listen(server, config.listen);
+  } catch (err) {
+    await stopWork();
+    release();
     throw err;
   }
   log.info(`HTTP proxy listening on ${formatHostPort(proxyAddress.address, proxyAddress.port)}${config.users.length ? ` (proxy authentication required, ${config.users.length} user(s))` : ""}`);
@@ -161,26 +167,20 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
     tunnelService,
     close(opts = {}) {
       closing ??= (async () => {
-        clearInterval(reprobe);
-        outbound.close();
         const stopped = closeServer(server);
         server.closeIdleConnections();
-        sessions.failAll(new NatproxyError("SHUTTING_DOWN"));
-        await tunnelService.close();
+        await stopWork();
         // Idle pooled tunnels are not "live"; browsers mid-transfer are.
-        for (const list of Object.values(agent.freeSockets)) for (const socket of list ?? []) socket.destroy();
+        destroyIdleSockets(agent);
         if (opts.graceMs) {
           const live = sockets.size;
           if (live) log.info(`waiting up to ${opts.graceMs} ms for ${live} open connection(s) to finish`);
           if (!(await sockets.whenEmpty(opts.graceMs))) log.warn(`cutting ${sockets.size} connection(s) still open after ${opts.graceMs} ms`);
         }
-        agent.destroy();
-        coordinator.close();
-        sockets.destroyAll();
+        release();
         await stopped;
       })();
       return closing;
     },
   };
 }
-
