@@ -25,6 +25,7 @@ import type { AddressInfo } from "node:net";
 import net from "node:net";
 import tls from "node:tls";
 import { parseArgs } from "node:util";
+import { connectThrough } from "../test/helpers/client.ts";
 import { startStack, type Stack } from "../test/helpers/stack.ts";
 import { closedPort, expectedSha256, startHttpsTarget, startHttpTarget, type Target } from "../test/helpers/targets.ts";
 import { testPki } from "../test/helpers/pki.ts";
@@ -142,25 +143,11 @@ function proxyGet(proxyPort: number, url: string, abortAfter?: number): Promise<
   });
 }
 
-/** CONNECT through the proxy; the raw tunnel socket on 200, or the status and body. */
-function connect(proxyPort: number, authority: string): Promise<{ status: number; socket: net.Socket; body: string; headers: http.IncomingHttpHeaders }> {
-  return new Promise((resolve, reject) => {
-    const req = http.request({ host: "127.0.0.1", port: proxyPort, method: "CONNECT", path: authority, headers: { Host: authority }, agent: false });
-    req.on("socket", (s) => trackClient(s));
-    req.on("error", reject);
-    req.on("connect", (res, socket: net.Socket, head: Buffer) => {
-      if (res.statusCode === 200) {
-        if (head.length) socket.unshift(head);
-        resolve({ status: 200, socket, body: "", headers: res.headers });
-        return;
-      }
-      const chunks: Buffer[] = [head];
-      socket.on("data", (c: Buffer) => chunks.push(c));
-      socket.on("error", () => {});
-      socket.on("close", () => resolve({ status: res.statusCode ?? 0, socket, body: Buffer.concat(chunks).toString(), headers: res.headers }));
-    });
-    req.end();
-  });
+/** CONNECT through the proxy (the tests' client), with the tunnel's socket tracked for clean-up. */
+async function connect(proxyPort: number, authority: string): ReturnType<typeof connectThrough> {
+  const c = await connectThrough(proxyPort, authority);
+  trackClient(c.socket);
+  return c;
 }
 
 /** Reads a raw HTTP/1.1 response (Connection: close) off a stream until it ends or breaks. */
