@@ -196,6 +196,23 @@ export function waitForLine<T>(
   });
 }
 
+/** One line of a lab helper's JSON-lines output, or undefined for anything else. */
+export function jsonLine(line: string): Record<string, unknown> | undefined {
+  try {
+    return JSON.parse(line) as Record<string, unknown>;
+  } catch {
+    return undefined;
+  }
+}
+
+/** A LineReader matcher for the helper output line `{"event": name, ...}`. */
+export function jsonEvent<T = Record<string, unknown>>(name: string): (line: string) => T | undefined {
+  return (line) => {
+    const j = jsonLine(line);
+    return j?.event === name ? (j as T) : undefined;
+  };
+}
+
 /**
  * Collects a child's stdout lines from the moment it is attached, so a
  * caller can wait for a line that may already have arrived. Each matched

@@ -15,7 +15,7 @@ import { tmpdir } from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
-import { createLab, findTool, labUnavailableReason, LineReader, type Lab, type NatType } from "../scripts/natlab.ts";
+import { createLab, findTool, jsonEvent, labUnavailableReason, LineReader, type Lab, type NatType } from "../scripts/natlab.ts";
 import { generateCertificate } from "../src/tls/certs.ts";
 import { NODE, startNatproxyInLab, stopProcesses, type NatproxyInLab } from "./lab/natproxy-in-lab.ts";
 import { DEFAULT_MEDIA_SIZE, MEDIA, MEDIA_PATH, mediaBytes, sha256Hex, subresourceList, WS_MESSAGES, WWW } from "./lab/site.ts";
@@ -60,19 +60,6 @@ interface RequestLine {
   bytes: number;
 }
 
-const json = (line: string): Record<string, unknown> | undefined => {
-  try {
-    return JSON.parse(line) as Record<string, unknown>;
-  } catch {
-    return undefined;
-  }
-};
-const event =
-  <T>(name: string) =>
-  (line: string): T | undefined => {
-    const j = json(line);
-    return j?.event === name ? (j as T) : undefined;
-  };
 const escapeRe = (s: string): string => s.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
 
 async function prerequisites(): Promise<string | undefined> {
@@ -142,7 +129,7 @@ async function browse(t: import("node:test").TestContext, s: Scenario): Promise<
     let siteErr = "";
     site.stderr?.on("data", (d: Buffer) => (siteErr = (siteErr + d.toString()).slice(-4000)));
     const ready = await siteLines
-      .waitFor(event<{ mediaSize: number; mediaSha256: string }>("ready"), 30_000, "the site ready")
+      .waitFor(jsonEvent<{ mediaSize: number; mediaSha256: string }>("ready"), 30_000, "the site ready")
       .catch((e: Error) => Promise.reject(new Error(`${e.message}\nstderr: ${siteErr}`)));
 
     np = await startNatproxyInLab(lab, {
@@ -181,7 +168,7 @@ async function browse(t: import("node:test").TestContext, s: Scenario): Promise<
       ].join("\n");
 
     const report = await Promise.race([
-      siteLines.waitFor(event<{ report: Report }>("report"), REPORT_TIMEOUT_MS, "the page's report").then((e) => e.report),
+      siteLines.waitFor(jsonEvent<{ report: Report }>("report"), REPORT_TIMEOUT_MS, "the page's report").then((e) => e.report),
       exited(chromium, "chromium", chromiumOut),
     ]);
     const tReport = performance.now();
@@ -216,7 +203,7 @@ async function browse(t: import("node:test").TestContext, s: Scenario): Promise<
     assert.deepEqual(report.ws.close, { code: 1000, reason: "", wasClean: true }, "clean close handshake");
 
     // What the site served.
-    const requests = siteLines.lines.map(event<RequestLine>("request")).filter((r): r is RequestLine => r !== undefined);
+    const requests = siteLines.lines.map(jsonEvent<RequestLine>("request")).filter((r): r is RequestLine => r !== undefined);
     for (const r of list) {
       assert.ok(
         requests.some((q) => q.scheme === "https" && q.host === r.host && q.method === "GET" && q.path === r.path && q.status === 200),
@@ -230,9 +217,9 @@ async function browse(t: import("node:test").TestContext, s: Scenario): Promise<
       assert.match(q.range ?? "", /^bytes=\d+-\d+$/, "every media request has a Range header");
     }
     assert.equal(ranges.reduce((a, q) => a + q.bytes, 0), DEFAULT_MEDIA_SIZE, "the 206 bodies add up to the whole file");
-    const wsSeen = siteLines.lines.map(event<{ messages: number; closeCode: number | null }>("ws")).filter((w) => w !== undefined);
+    const wsSeen = siteLines.lines.map(jsonEvent<{ messages: number; closeCode: number | null }>("ws")).filter((w) => w !== undefined);
     assert.ok(wsSeen.some((w) => w.messages === WS_MESSAGES && w.closeCode === 1000), `the site echoed ${WS_MESSAGES} messages`);
-    assert.equal(siteLines.lines.filter((l) => event("report")(l)).length, 1, "one report");
+    assert.equal(siteLines.lines.filter((l) => jsonEvent("report")(l)).length, 1, "one report");
 
     // What the local proxy logged: a session line (written when a tunnel
     // ends: the site closes idle keep-alive connections after 5 s, the page

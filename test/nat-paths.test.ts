@@ -13,7 +13,7 @@ import { tmpdir } from "node:os";
 import path from "node:path";
 import { after, before, describe, test } from "node:test";
 import { fileURLToPath } from "node:url";
-import { createLab, findTool, labUnavailableReason, LineReader, NAT_TYPES, type Lab, type NatType } from "../scripts/natlab.ts";
+import { createLab, findTool, jsonEvent, labUnavailableReason, LineReader, NAT_TYPES, type Lab, type NatType } from "../scripts/natlab.ts";
 import { generateCertificate } from "../src/tls/certs.ts";
 import { NODE, startNatproxyInLab, type LabProcess, type NatproxyInLab, type NatproxyInLabOptions } from "./lab/natproxy-in-lab.ts";
 import { MEDIA, WWW } from "./lab/site.ts";
@@ -61,7 +61,7 @@ describe("natproxy in the NAT lab", { skip: unavailable ? `NAT lab unavailable: 
     for (let k = 0; k < 10 && (!prefix || existsSync(`/run/netns/${prefix}rtr`)); k++) prefix = `np${randomBytes(2).toString("hex")}-`;
     lab = await createLab({ nat: "open", prefix });
     const site = lab.spawn("web", [NODE, SITE, "--cert", certFile, "--media-mib", "4", "--max-seconds", "900"], { stdio: ["ignore", "pipe", "pipe"] });
-    await new LineReader(site).waitFor((l) => (l.includes('"event":"ready"') ? l : undefined), 30_000, "the site ready");
+    await new LineReader(site).waitFor(jsonEvent("ready"), 30_000, "the site ready");
     hosts[WWW] = lab.web.ip4;
     hosts[MEDIA] = lab.web.ip4;
   });

@@ -13,6 +13,8 @@ import {
   createLab,
   labUnavailableReason,
   LineReader,
+  jsonEvent,
+  jsonLine,
   listNamespaces,
   NAT_TYPES,
   HOST_NAMES,
@@ -107,19 +109,6 @@ interface ClientResult {
   server?: { name: string; peer: { address: string; port: number } };
 }
 
-const json = (line: string): Record<string, unknown> | undefined => {
-  try {
-    return JSON.parse(line) as Record<string, unknown>;
-  } catch {
-    return undefined;
-  }
-};
-const event =
-  <T = Record<string, unknown>>(name: string) =>
-  (line: string): T | undefined => {
-    const j = json(line);
-    return j?.event === name ? (j as T) : undefined;
-  };
 const hostPort = (addr: string, port: number): string => (addr.includes(":") ? `[${addr}]:${port}` : `${addr}:${port}`);
 
 /** A zombie waiting for its new parent to reap it counts as dead. */
@@ -152,7 +141,7 @@ function client(
 async function connectOnce(lab: Lab, host: HostName, args: string[]): Promise<ClientResult> {
   const c = client(lab, host, args);
   try {
-    return await c.reader.waitFor(event<ClientResult>("result"), 15_000, `result of ${host} ${args.join(" ")}`);
+    return await c.reader.waitFor(jsonEvent<ClientResult>("result"), 15_000, `result of ${host} ${args.join(" ")}`);
   } finally {
     c.kill();
   }
@@ -184,16 +173,16 @@ async function probe(lab: Lab, fam: Fam, base: number): Promise<Observed> {
     const punch = client(lab, "lan", ["--from-port", `${P3}`, "--hold", "--to", hostPort(rep, 3478)]);
     running.push(punch.kill);
 
-    const seen = (await main.reader.waitFor(event<ClientResult>("result"), 15_000, "lan mapping")).server?.peer;
+    const seen = (await main.reader.waitFor(jsonEvent<ClientResult>("result"), 15_000, "lan mapping")).server?.peer;
     assert.ok(seen, "the reporter answered the LAN");
-    await main.reader.waitFor(event("listening"), 15_000, "lan listening");
+    await main.reader.waitFor(jsonEvent("listening"), 15_000, "lan listening");
     const eimPorts: number[] = [];
     for (let k = 0; k < 3; k++) {
-      const r = await eim.reader.waitFor(event<ClientResult>("result"), 15_000, "EIM result");
+      const r = await eim.reader.waitFor(jsonEvent<ClientResult>("result"), 15_000, "EIM result");
       assert.ok(r.ok && r.server, `EIM connection ${r.to}: ${r.error}`);
       eimPorts.push(r.server.peer.port);
     }
-    const punchSeen = (await punch.reader.waitFor(event<ClientResult>("result"), 15_000, "punch mapping")).server?.peer;
+    const punchSeen = (await punch.reader.waitFor(jsonEvent<ClientResult>("result"), 15_000, "punch mapping")).server?.peer;
     assert.ok(punchSeen, "the reporter answered the punching port");
 
     const target = hostPort(seen.address, seen.port);
@@ -212,10 +201,10 @@ async function probe(lab: Lab, fam: Fam, base: number): Promise<Observed> {
       ]);
       running.push(r.kill);
       // Peek: with an immediate RST the result can come before "connecting".
-      await r.reader.waitFor((l) => event("connecting")(l) ?? event("result")(l), 15_000, "rep connecting", false);
+      await r.reader.waitFor((l) => jsonEvent("connecting")(l) ?? jsonEvent("result")(l), 15_000, "rep connecting", false);
       const l = client(lab, "lan", ["--hello", "--name", "lan", "--timeout", "2000", "--from-port", `${P3}`, "--to", hostPort(rep, Y)]);
       running.push(l.kill);
-      return inbound(await r.reader.waitFor(event<ClientResult>("result"), 15_000, "rep simultaneous open"));
+      return inbound(await r.reader.waitFor(jsonEvent<ClientResult>("result"), 15_000, "rep simultaneous open"));
     })();
 
     const r2 = await lan2;
@@ -265,8 +254,8 @@ if (unavailable !== undefined) {
       const coord = new LineReader(
         lab.spawn("coord", [NODE, ECHO, "coord", hostPort(lab.coord.ip4, 3478), hostPort(lab.coord.ip6, 3478)]),
       );
-      await rep.waitFor(event("listening"), 15_000, "reporter listening");
-      await coord.waitFor(event("listening"), 15_000, "coordinator listening");
+      await rep.waitFor(jsonEvent("listening"), 15_000, "reporter listening");
+      await coord.waitFor(jsonEvent("listening"), 15_000, "coordinator listening");
     });
 
     after(async () => {
@@ -316,7 +305,7 @@ if (unavailable !== undefined) {
     test("flushNat() breaks established connections and learned mappings", async () => {
       // full-cone, so both the conntrack state and the learned maps must go.
       await lab.setNat("full-cone");
-      const echoed = (text: string) => (l: string) => event<{ line: string }>("echo")(l)?.line === text || undefined;
+      const echoed = (text: string) => (l: string) => jsonEvent<{ line: string }>("echo")(l)?.line === text || undefined;
       const sessions: Array<{ fam: Fam; c: ReturnType<typeof client>; target: string; rep: string }> = [];
       try {
         await Promise.all(
@@ -324,9 +313,9 @@ if (unavailable !== undefined) {
             const rep = fam === "v6" ? lab.rep.ip6 : lab.rep.ip4;
             const c = client(lab, "lan", ["--name", "lan", "--from-port", `${40900 + k * 10}`, "--listen", "::", "--to", hostPort(rep, 3478)]);
             sessions.push({ fam, c, target: "", rep });
-            const seen = (await c.reader.waitFor(event<ClientResult>("result"), 15_000, `${fam} mapping`)).server?.peer;
+            const seen = (await c.reader.waitFor(jsonEvent<ClientResult>("result"), 15_000, `${fam} mapping`)).server?.peer;
             assert.ok(seen, `${fam}: the reporter answered`);
-            await c.reader.waitFor(event("listening"), 15_000, `${fam} listening`);
+            await c.reader.waitFor(jsonEvent("listening"), 15_000, `${fam} listening`);
             const target = hostPort(seen.address, seen.port);
             (sessions.find((x) => x.c === c) as { target: string }).target = target;
             c.send("before");
@@ -369,7 +358,7 @@ if (unavailable !== undefined) {
         }
         // The same addresses and ports in both labs: nothing may collide.
         const webs = [lab, lab2].map((l) => new LineReader(l.spawn("web", [NODE, ECHO, "web", hostPort(l.web.ip4, 80), hostPort(l.web.ip6, 80)])));
-        await Promise.all(webs.map((w) => w.waitFor(event("listening"), 15_000, "web listening")));
+        await Promise.all(webs.map((w) => w.waitFor(jsonEvent("listening"), 15_000, "web listening")));
         const runs = await Promise.all(
           [lab, lab2].flatMap((l) => [l.web.ip4, l.web.ip6].map((ip) => connectOnce(l, "lan", ["--from-port", "45000", "--to", hostPort(ip, 80)]))),
         );
@@ -401,7 +390,7 @@ if (unavailable !== undefined) {
       child.stderr.on("data", (d: Buffer) => (stderr += d.toString()));
       const exited = new Promise<number | string | null>((r) => child.once("exit", (code, sig) => r(code ?? sig)));
       const reader = new LineReader(child);
-      const info = await reader.waitFor((l) => json(l) as { prefix: string; pid: number } | undefined, 30_000, "crash.ts ready");
+      const info = await reader.waitFor((l) => jsonLine(l) as { prefix: string; pid: number } | undefined, 30_000, "crash.ts ready");
       assert.ok(nsList().includes(`${prefix}rtr`), "the lab was up");
       if (mode === "wait") child.kill("SIGTERM");
       const how = await exited;
