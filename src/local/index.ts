@@ -60,7 +60,7 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
 
   const dialer = new OutboundDialer({ url: config.coordinatorUrl, token: config.token, trust, timeout: config.connect_timeout });
   const outbound = new OutboundPool(dialer, { size: config.pool_size, maxAge: config.pool_idle_timeout, grace: config.connect_back_grace });
-  const paths = new PathChooser(config.tunnel, log);
+  const paths = new PathChooser(config.tunnel, config.coordinatorUrl.origin, log);
 
   const checking = coordinator.hello(config.connect_timeout).then(
     (info) => log.info(`coordinator answered: natproxy ${info.version}, sees us as ${formatHostPort(info.client.host, info.client.port)}, connect-back policy "${info.connect_back}"`),
@@ -72,7 +72,7 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
   let probing: Promise<void> | undefined;
   const probe = (state: TunnelState) => {
     probing = probeConnectBack(coordinator, sessions, state, config.probe_timeout).then((result) => {
-      if (tunnelService.state === state) paths.probed(describeReachability(state, result, coordinatorHost), config.coordinatorUrl.origin);
+      if (tunnelService.state === state) paths.probed(describeReachability(state, result, coordinatorHost));
     });
     return probing;
   };
@@ -98,7 +98,7 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
   const starting = config.tunnel === "outbound" ? Promise.resolve(false) : tunnelService.start();
   await Promise.all([starting, checking]);
   await probing;
-  if (config.tunnel === "outbound") log.info(`tunnel path: outbound, each browser connection dials ${config.coordinatorUrl.origin} over TLS, because [local] tunnel = "outbound"`);
+  if (config.tunnel === "outbound") log.info(paths.describe());
   else if (!tunnelService.state && config.tunnel === "auto") log.info(`tunnel path: outbound until the reporter answers (no public address yet)`);
 
   const tunnels = { sessions, coordinator, outbound, paths, tunnelState: () => tunnelService.state, connectTimeout: config.connect_timeout,

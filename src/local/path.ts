@@ -83,12 +83,15 @@ export function describeReachability(state: TunnelState, probe: ProbeResult, coo
  */
 export class PathChooser {
   readonly mode: TunnelMode;
+  readonly #origin: string;
   readonly #log: ConsolaInstance;
   #connectBackWorks = false;
   #reachability: Reachability | undefined;
 
-  constructor(mode: TunnelMode, log: ConsolaInstance) {
+  /** `origin`: the coordinator's URL origin, which the outbound path dials. */
+  constructor(mode: TunnelMode, origin: string, log: ConsolaInstance) {
     this.mode = mode;
+    this.#origin = origin;
     this.#log = log;
   }
 
@@ -101,13 +104,18 @@ export class PathChooser {
     return this.#reachability;
   }
 
+  /** The path in words, and why: the line the log and tests read. */
+  describe(): string {
+    return `tunnel path: ${this.current()}, ${this.#why()}`;
+  }
+
   /** Records a probe and logs, in words, what it means and which path follows. */
-  probed(r: Reachability, coordinatorOrigin: string): void {
+  probed(r: Reachability): void {
     this.#reachability = r;
     this.#connectBackWorks = r.probe.ok;
     const probe = r.probe.ok ? `the coordinator connected back in ${r.probe.ms} ms` : `no connect-back got through (${r.probe.error?.message ?? "unknown"})`;
     this.#log.info(`reachability: public address ${r.publicAddress}; ${r.behaviour}; ${probe}`);
-    this.#log.info(`tunnel path: ${this.current()}, ${this.#why(coordinatorOrigin)}`);
+    this.#log.info(this.describe());
     if (this.mode === "connect-back" && !r.probe.ok) {
       this.#log.warn(`[local] tunnel = "connect-back", but the probe did not get through: sessions will fail with CONNECT_BACK_TIMEOUT. Set tunnel = "auto" to use the outbound path.`);
     }
@@ -126,8 +134,8 @@ export class PathChooser {
     this.#log.warn(`connect-back failed (${err.message}); tunnel path: outbound until the next probe succeeds`);
   }
 
-  #why(origin: string): string {
-    const out = `each browser connection dials ${origin} over TLS`;
+  #why(): string {
+    const out = `each browser connection dials ${this.#origin} over TLS`;
     if (this.mode === "outbound") return `${out}, because [local] tunnel = "outbound"`;
     const r = this.#reachability;
     const back = `the coordinator connects back to ${r?.publicAddress ?? "?"} for each browser connection`;
