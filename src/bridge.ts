@@ -81,3 +81,10 @@ export function bridge(a: Socketish, b: Socketish, timeouts: BridgeTimeouts): Pr
     if (b.destroyed) a.destroy();
   });
 }
+
+/** The request log's outcome for a bridge that ended: ok, idle-timeout, or closed-by-<side>-error. */
+export function bridgeOutcome(stats: BridgeStats, a: string, b: string): string {
+  if (stats.idle) return "idle-timeout";
+  if (stats.error) return `closed-by-${stats.error.side === "a" ? a : b}-error`;
+  return "ok";
+}

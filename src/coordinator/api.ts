@@ -125,18 +125,14 @@ function readJson(req: IncomingMessage): Promise<unknown> {
   });
 }
 
-export function isTargetHost(host: string): boolean {
-  return isIP(host) !== 0 || HOSTNAME.test(host);
-}
-
 const HOSTNAME = /^(?=.{1,253}$)(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9])?)(?:\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9])?)*\.?$/i;
 
 function validateSession(body: unknown, client: HostPort): { session: string; target: HostPort; reply: HostPort; client: HostPort } {
   const problems: string[] = [];
   const b = (typeof body === "object" && body !== null ? body : {}) as Record<string, unknown>;
   if (!isSessionId(b.session)) problems.push("session: expected a UUID v4");
-  const target = hostPort(b.target, "target", problems, false);
-  const reply = hostPort(b.reply, "reply", problems, true);
+  const target = checkHostPort(b.target, "target", problems, false);
+  const reply = checkHostPort(b.reply, "reply", problems, true);
   if (problems.length) throw new NatproxyError("BAD_REQUEST", problems.join("; "));
   return { session: b.session as string, target, reply: { host: unmapIPv4(reply.host), port: reply.port }, client };
 }
@@ -145,12 +141,13 @@ function validateProbe(body: unknown, client: HostPort): { probe: string; reply:
   const problems: string[] = [];
   const b = (typeof body === "object" && body !== null ? body : {}) as Record<string, unknown>;
   if (!isSessionId(b.probe)) problems.push("probe: expected a UUID v4");
-  const reply = hostPort(b.reply, "reply", problems, true);
+  const reply = checkHostPort(b.reply, "reply", problems, true);
   if (problems.length) throw new NatproxyError("BAD_REQUEST", problems.join("; "));
   return { probe: b.probe as string, reply: { host: unmapIPv4(reply.host), port: reply.port }, client };
 }
 
-function hostPort(v: unknown, name: string, problems: string[], ipOnly: boolean): HostPort {
+/** Checks `{ host, port }` from a request; every problem goes into `problems`, named `name.host` / `name.port`. */
+export function checkHostPort(v: unknown, name: string, problems: string[], ipOnly: boolean): HostPort {
   const o = (typeof v === "object" && v !== null ? v : {}) as Record<string, unknown>;
   const host = typeof o.host === "string" ? o.host : "";
   const port = o.port;

@@ -4,13 +4,13 @@ import type { Socket } from "node:net";
 import type { Duplex } from "node:stream";
 import type { ConsolaInstance } from "consola";
 import { formatHostPort, unmapIPv4 } from "../address.ts";
-import { bridge } from "../bridge.ts";
+import { bridge, bridgeOutcome } from "../bridge.ts";
 import { NatproxyError } from "../errors.ts";
 import { formatSession } from "../request-log.ts";
 import { closeWith, type SocketRegistry } from "../sockets.ts";
 import type { TargetPolicy } from "../target-policy.ts";
 import { encodeResult, isSessionId, openOf, readMessage, type OpenRequest } from "../wire.ts";
-import { API, isTargetHost } from "./api.ts";
+import { API, checkHostPort } from "./api.ts";
 import type { SessionLimits } from "./limits.ts";
 import { dialTarget } from "./dial.ts";
 
@@ -76,8 +76,7 @@ export function upgradeHandler(ctx: OutboundContext) {
         }
         const problems: string[] = [];
         if (!isSessionId(open.session)) problems.push("session: expected a UUID v4");
-        if (!isTargetHost(open.target.host)) problems.push("target.host: expected a host name or IP address");
-        if (open.target.port < 1) problems.push("target.port: expected 1-65535");
+        checkHostPort(open.target, "target", problems, false);
         if (problems.length) return fail(new NatproxyError("BAD_REQUEST", problems.join("; ")));
         let release: () => void;
         try {
@@ -100,7 +99,6 @@ export function upgradeHandler(ctx: OutboundContext) {
     }
   };
 }
-
 
 async function serve(ctx: OutboundContext, socket: Duplex, open: OpenRequest, client: string): Promise<void> {
   const started = performance.now();
@@ -125,8 +123,7 @@ async function serve(ctx: OutboundContext, socket: Duplex, open: OpenRequest, cl
   (socket as Socket).setTimeout(0);
   socket.write(encodeResult({ code: "OK", target_address: formatHostPort(targetSocket.remoteAddress ?? "?", targetSocket.remotePort ?? 0) }));
   const stats = await bridge(socket, targetSocket, { idle: ctx.idleTimeout, fin: ctx.finTimeout });
-  const outcome = stats.idle ? "idle-timeout" : stats.error ? `closed-by-${stats.error.side === "a" ? "local" : "target"}-error` : "ok";
-  record(outcome, stats.aToB, stats.bToA, stats.error?.err.message);
+  record(bridgeOutcome(stats, "local", "target"), stats.aToB, stats.bToA, stats.error?.err.message);
 }
 
 function refuse(socket: Duplex, e: NatproxyError, headers: Record<string, string> = {}): void {

@@ -1,6 +1,6 @@
 import type tls from "node:tls";
 import type { ConsolaInstance } from "consola";
-import { bridge } from "../bridge.ts";
+import { bridge, bridgeOutcome } from "../bridge.ts";
 import { formatHostPort, type HostPort } from "../address.ts";
 import { NatproxyError } from "../errors.ts";
 import { formatSession } from "../request-log.ts";
@@ -90,8 +90,7 @@ export async function openSession(req: SessionRequest, ctx: SessionContext): Pro
   back.write(encodeResult({ code: "OK", target_address: targetAddress }));
   void bridge(back, targetSocket, { idle: ctx.idleTimeout, fin: ctx.finTimeout }).then((stats) => {
     release();
-    const outcome = stats.idle ? "idle-timeout" : stats.error ? `closed-by-${stats.error.side === "a" ? "local" : "target"}-error` : "ok";
-    record(outcome, stats.aToB, stats.bToA, stats.error?.err.message);
+    record(bridgeOutcome(stats, "local", "target"), stats.aToB, stats.bToA, stats.error?.err.message);
   });
   return { targetAddress };
 }

@@ -1,6 +1,6 @@
 import type { Duplex } from "node:stream";
 import { formatHostPort, type HostPort } from "../address.ts";
-import { bridge } from "../bridge.ts";
+import { bridge, bridgeOutcome } from "../bridge.ts";
 import { formatSession } from "../request-log.ts";
 import type { HandlerContext } from "./context.ts";
 import { toProxyError, writeRawError } from "./respond.ts";
@@ -29,8 +29,7 @@ export function spliceThroughTunnel(ctx: HandlerContext, socket: Duplex, target:
       }
       const preUp = first(t);
       void bridge(socket, t.socket, ctx.bridgeTimeouts).then((s) => {
-        const outcome = s.idle ? "idle-timeout" : s.error ? `closed-by-${s.error.side === "a" ? "browser" : "tunnel"}-error` : "ok";
-        log(t.session, outcome, s.aToB + preUp, s.bToA, s.error?.err.message, t.path);
+        log(t.session, bridgeOutcome(s, "browser", "tunnel"), s.aToB + preUp, s.bToA, s.error?.err.message, t.path);
       });
     },
     (err: unknown) => {
