@@ -2,13 +2,10 @@ import { formatHostPort } from "../address.ts";
 import type { LocalConfig } from "../config.ts";
 import { NatproxyError } from "../errors.ts";
 import { roleLogger } from "../log.ts";
-import { SocketRegistry } from "../sockets.ts";
-import { describeTrust, makeTrust } from "../tls/trust.ts";
-import { makeCoordinatorClient } from "./coordinator-client.ts";
-import { OutboundDialer } from "./outbound.ts";
+import { describeTrust } from "../tls/trust.ts";
 import { describeReachability, probeConnectBack, resolveHost, type Reachability, type TunnelPath } from "./path.ts";
-import { SessionTable } from "./sessions.ts";
 import { TunnelService } from "./tunnel-service.ts";
+import { localParts } from "./wiring.ts";
 
 export interface CheckReport {
   /** A path that works was found (and is the one the configured mode would use). */
@@ -29,13 +26,8 @@ const fail = (err: unknown) => (err instanceof NatproxyError ? `${err.message} [
 export async function checkLocal(config: LocalConfig): Promise<CheckReport> {
   const lines: string[] = [];
   const log = roleLogger("local");
-  const hostname = config.coordinatorUrl.hostname.replace(/^\[|\]$/g, "");
-  const trust = makeTrust({ hostname, allow_self_signed: config.allow_self_signed, fingerprint: config.fingerprint, ca: config.ca });
-  const coordinator = makeCoordinatorClient({ url: config.coordinatorUrl, token: config.token, trust, idleTimeout: config.pool_idle_timeout });
-  const sessions = new SessionTable();
-  const sockets = new SocketRegistry();
+  const { hostname, trust, coordinator, dialer: outbound, sessions, sockets } = localParts(config);
   const tunnelService = new TunnelService({ config: { ...config, reporter_retries: 0 }, trust, sessions, sockets, log });
-  const outbound = new OutboundDialer({ url: config.coordinatorUrl, token: config.token, trust, timeout: config.connect_timeout });
   try {
     lines.push(`coordinator:   ${config.coordinatorUrl.origin} (trusting ${describeTrust(trust)})`);
     let apiOk = false;

@@ -5,20 +5,18 @@ import { formatHostPort } from "../address.ts";
 import { NatproxyError } from "../errors.ts";
 import { closeServer, deadlineCheckInterval, listen } from "../listen.ts";
 import { roleLogger } from "../log.ts";
-import { closeWith, destroyIdleSockets, SocketRegistry } from "../sockets.ts";
-import { describeTrust, makeTrust } from "../tls/trust.ts";
+import { closeWith, destroyIdleSockets } from "../sockets.ts";
+import { describeTrust } from "../tls/trust.ts";
 import type { HandlerContext } from "./context.ts";
-import { makeCoordinatorClient } from "./coordinator-client.ts";
 import { makeConnectHandler } from "./handle-connect.ts";
 import { makeRequestHandler } from "./handle-request.ts";
 import { makeUpgradeHandler } from "./handle-upgrade.ts";
 import { makeProxyAuth } from "./proxy-auth.ts";
-import { OutboundDialer } from "./outbound.ts";
 import { OutboundPool } from "./outbound-pool.ts";
 import { PathChooser, describeReachability, probeConnectBack, resolveHost, type Reachability, type TunnelPath } from "./path.ts";
-import { SessionTable } from "./sessions.ts";
 import { TunnelService, type TunnelState } from "./tunnel-service.ts";
 import { TunnelAgent } from "./tunnels.ts";
+import { localParts } from "./wiring.ts";
 
 export interface Local {
   /** The browser-facing HTTP proxy. */
@@ -46,19 +44,14 @@ export interface Local {
 
 export async function startLocal(config: LocalConfig): Promise<Local> {
   const log = roleLogger("local");
-  const hostname = config.coordinatorUrl.hostname.replace(/^\[|\]$/g, "");
+  const { hostname, trust, coordinator, dialer, sessions, sockets } = localParts(config);
   const coordinatorHost = await resolveHost(hostname);
-  const trust = makeTrust({ hostname, allow_self_signed: config.allow_self_signed, fingerprint: config.fingerprint, ca: config.ca });
   if (config.allow_self_signed && !trust.pin) {
     log.warn("allow_self_signed = true without a fingerprint: any certificate is accepted, so anyone on the path can impersonate the coordinator. Pin it with [local] fingerprint.");
   }
   log.info(`coordinator ${config.coordinatorUrl.origin}, trusting ${describeTrust(trust)}`);
-  const coordinator = makeCoordinatorClient({ url: config.coordinatorUrl, token: config.token, trust, idleTimeout: config.pool_idle_timeout });
-  const sessions = new SessionTable();
-  const sockets = new SocketRegistry();
   const tunnelService = new TunnelService({ config, trust, sessions, sockets, log });
 
-  const dialer = new OutboundDialer({ url: config.coordinatorUrl, token: config.token, trust, timeout: config.connect_timeout });
   const outbound = new OutboundPool(dialer, { size: config.pool_size, maxAge: config.pool_idle_timeout, grace: config.connect_back_grace });
   const paths = new PathChooser(config.tunnel, config.coordinatorUrl.origin, log);
 

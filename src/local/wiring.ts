@@ -1,0 +1,33 @@
+import type { LocalConfig } from "../config.ts";
+import { SocketRegistry } from "../sockets.ts";
+import { makeTrust, type Trust } from "../tls/trust.ts";
+import { makeCoordinatorClient, type CoordinatorClient } from "./coordinator-client.ts";
+import { OutboundDialer } from "./outbound.ts";
+import { SessionTable } from "./sessions.ts";
+
+export interface LocalParts {
+  /** The coordinator's host as the URL names it, without IPv6 brackets. */
+  hostname: string;
+  trust: Trust;
+  coordinator: CoordinatorClient;
+  dialer: OutboundDialer;
+  sessions: SessionTable;
+  sockets: SocketRegistry;
+}
+
+/**
+ * The pieces that reach the coordinator, built one way for the proxy and for
+ * `--check`, so that a green check means the proxy's own code works from here.
+ */
+export function localParts(config: LocalConfig): LocalParts {
+  const hostname = config.coordinatorUrl.hostname.replace(/^\[|\]$/g, "");
+  const trust = makeTrust({ hostname, allow_self_signed: config.allow_self_signed, fingerprint: config.fingerprint, ca: config.ca });
+  return {
+    hostname,
+    trust,
+    coordinator: makeCoordinatorClient({ url: config.coordinatorUrl, token: config.token, trust, idleTimeout: config.pool_idle_timeout }),
+    dialer: new OutboundDialer({ url: config.coordinatorUrl, token: config.token, trust, timeout: config.connect_timeout }),
+    sessions: new SessionTable(),
+    sockets: new SocketRegistry(),
+  };
+}
