@@ -9,11 +9,9 @@ import { performance } from "node:perf_hooks";
 import { setLogLevel } from "../src/log.ts";
 import { openReporterLink } from "../src/reporter-link.ts";
 import type { DecodedStunMessage } from "../src/stun.ts";
-import { resolveConfig } from "../src/config.ts";
-import { startCoordinator } from "../src/coordinator/index.ts";
 import { proxiedRequest } from "./helpers/client.ts";
 import { testPki } from "./helpers/pki.ts";
-import { LOOPBACK_TARGETS, startLocalFor, TOKEN } from "./helpers/stack.ts";
+import { startLocalFor, startTestCoordinator } from "./helpers/stack.ts";
 import { startHttpTarget } from "./helpers/targets.ts";
 
 // The link against an independent STUN server: coturn serves Binding over TCP
@@ -209,7 +207,7 @@ test("reporter link against coturn (turnserver --stun-only over TCP)", { timeout
 
     await t.test("the local proxy uses coturn as its reporter and stays up on its own keepalives", async () => {
       const pki = await testPki();
-      const coordinator = await startCoordinator(resolveConfig({ coordinator: { listen: "127.0.0.1:0", cert: pki.combinedFile, tokens: [TOKEN], allow_targets: LOOPBACK_TARGETS } }, "coordinator").coordinator);
+      const coordinator = await startTestCoordinator(pki);
       const local = await startLocalFor(coordinator.addresses[0].port, coturn.port, pki, { nat_keep_alive_interval: INTERVAL, tunnel_idle_timeout: 10 * INTERVAL });
       const web = await startHttpTarget();
       try {

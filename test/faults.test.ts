@@ -6,12 +6,11 @@ import { join } from "node:path";
 import tls from "node:tls";
 import { after, before, describe, test } from "node:test";
 import { v4 as uuidv4 } from "uuid";
-import { resolveConfig } from "../src/config.ts";
 import { startCoordinator } from "../src/coordinator/index.ts";
 import { generateCertificate } from "../src/tls/certs.ts";
 import { connectThrough, proxiedRequest } from "./helpers/client.ts";
 import { testPki } from "./helpers/pki.ts";
-import { LOOPBACK_TARGETS, startLocalFor, startStack, TOKEN, type Stack } from "./helpers/stack.ts";
+import { type Stack, startLocalFor, startStack, startTestCoordinator, TOKEN } from "./helpers/stack.ts";
 import { startHttpTarget, type Target } from "./helpers/targets.ts";
 import { waitUntil } from "./helpers/wait.ts";
 
@@ -160,7 +159,7 @@ describe("the coordinator restarts", () => {
         // While it is down: a real status, quickly.
         const down = await connectThrough(stack.proxyPort, `127.0.0.1:${web.port}`);
         assert.equal(down.status, 502, `${path}: ${down.body}`);
-        second = await startCoordinator(resolveConfig({ coordinator: { listen: `127.0.0.1:${port}`, cert: stack.pki.combinedFile, tokens: [TOKEN], allow_targets: LOOPBACK_TARGETS } }, "coordinator").coordinator);
+        second = await startTestCoordinator(stack.pki, { listen: `127.0.0.1:${port}` });
         const after = await proxiedRequest(stack.proxyPort, `http://127.0.0.1:${web.port}/after`, { headers: { Connection: "close" } });
         assert.equal(after.status, 200, `${path}: ${after.body}`);
         const tunnel = await connectThrough(stack.proxyPort, `127.0.0.1:${web.port}`);
@@ -179,10 +178,8 @@ describe("what a connect-back can be aimed at", () => {
   test("aimed at a service that is not natproxy, it delivers not one byte; aimed at another address, it is refused", async () => {
     const pki = await testPki();
     const victim = await rawServer(() => {});
-    const coordinator = await startCoordinator(
-      resolveConfig({ coordinator: { listen: "127.0.0.1:0", cert: pki.combinedFile, tokens: [TOKEN], allow_targets: LOOPBACK_TARGETS, connect_back: "any", handshake_timeout: 500 } }, "coordinator").coordinator,
-    );
-    const strict = await startCoordinator(resolveConfig({ coordinator: { listen: "127.0.0.1:0", cert: pki.combinedFile, tokens: [TOKEN], allow_targets: LOOPBACK_TARGETS } }, "coordinator").coordinator);
+    const coordinator = await startTestCoordinator(pki, { connect_back: "any", handshake_timeout: 500 });
+    const strict = await startTestCoordinator(pki);
     const web = await startHttpTarget();
     try {
       const post = async (port: number, reply: { host: string; port: number }) => {
@@ -224,7 +221,7 @@ describe("certificates the local proxy refuses, saying which check failed", () =
       const kp = await generateCertificate({ commonName: "coordinator", dnsNames: ["localhost"], ipAddresses: ["127.0.0.1"], ca: { key: pki.ca.key, cert: pki.ca.cert }, ...c.opts });
       const file = join(pki.dir, `bad-${c.name.replace(/ /g, "-")}.pem`);
       writeFileSync(file, `${kp.key}\n${kp.cert}`, { mode: 0o600 });
-      const coordinator = await startCoordinator(resolveConfig({ coordinator: { listen: "127.0.0.1:0", cert: file, tokens: [TOKEN], allow_targets: LOOPBACK_TARGETS } }, "coordinator").coordinator);
+      const coordinator = await startTestCoordinator(pki, { cert: file });
       const local = await startLocalFor(coordinator.addresses[0].port, 1, pki, { tunnel: "outbound" });
       try {
         const r = await connectThrough(local.proxyAddress.port, `127.0.0.1:${web.port}`);

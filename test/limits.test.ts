@@ -3,12 +3,12 @@ import https from "node:https";
 import type { AddressInfo } from "node:net";
 import { after, before, describe, test } from "node:test";
 import { resolveConfig } from "../src/config.ts";
-import { startCoordinator, type Coordinator } from "../src/coordinator/index.ts";
+import type { Coordinator } from "../src/coordinator/index.ts";
 import { startLocal, type Local } from "../src/local/index.ts";
 import { startReporter, type ReporterHandle } from "../src/reporter.ts";
 import { connectThrough } from "./helpers/client.ts";
 import { testPki, type TestPki } from "./helpers/pki.ts";
-import { LOOPBACK_TARGETS, TOKEN } from "./helpers/stack.ts";
+import { startTestCoordinator, TOKEN } from "./helpers/stack.ts";
 import { startHttpTarget, type Target } from "./helpers/targets.ts";
 import { waitUntil } from "./helpers/wait.ts";
 
@@ -55,12 +55,7 @@ for (const path of ["connect-back", "outbound"] as const) {
   describe(`coordinator session limits (${path} path)`, () => {
     let coordinator: Coordinator;
     before(async () => {
-      coordinator = await startCoordinator(
-        resolveConfig(
-          { coordinator: { listen: "127.0.0.1:0", cert: pki.combinedFile, tokens: [TOKEN, TOKEN_B], allow_targets: LOOPBACK_TARGETS, max_sessions: 3, max_sessions_per_token: 2 } },
-          "coordinator",
-        ).coordinator,
-      );
+      coordinator = await startTestCoordinator(pki, { tokens: [TOKEN, TOKEN_B], max_sessions: 3, max_sessions_per_token: 2 });
     });
     after(async () => coordinator?.close());
 

@@ -4,13 +4,13 @@ import tls from "node:tls";
 import { after, before, describe, test } from "node:test";
 import { v4 as uuidv4 } from "uuid";
 import { resolveConfig } from "../src/config.ts";
-import { startCoordinator, type Coordinator } from "../src/coordinator/index.ts";
+import type { Coordinator } from "../src/coordinator/index.ts";
 import { startLocal } from "../src/local/index.ts";
 import { startReporter } from "../src/reporter.ts";
 import { decodeMessage, encodeOpen, MessageType, resultOf } from "../src/wire.ts";
 import { connectThrough, proxiedRequest } from "./helpers/client.ts";
 import { testPki, type TestPki } from "./helpers/pki.ts";
-import { LOOPBACK_TARGETS, TOKEN } from "./helpers/stack.ts";
+import { startTestCoordinator, TOKEN } from "./helpers/stack.ts";
 import { closedPort, startHttpTarget, type Target } from "./helpers/targets.ts";
 
 // How the local proxy picks its tunnel path, and how the coordinator guards
@@ -22,9 +22,7 @@ let web: Target;
 
 before(async () => {
   pki = await testPki();
-  coordinator = await startCoordinator(
-    resolveConfig({ coordinator: { listen: "127.0.0.1:0", cert: pki.combinedFile, tokens: [TOKEN], allow_targets: LOOPBACK_TARGETS, keep_alive_timeout: 300 } }, "coordinator").coordinator,
-  );
+  coordinator = await startTestCoordinator(pki, { keep_alive_timeout: 300 });
   web = await startHttpTarget();
 });
 after(async () => {

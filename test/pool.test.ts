@@ -3,12 +3,12 @@ import { once } from "node:events";
 import net, { type AddressInfo } from "node:net";
 import { after, before, test } from "node:test";
 import { resolveConfig } from "../src/config.ts";
-import { startCoordinator, type Coordinator } from "../src/coordinator/index.ts";
+import type { Coordinator } from "../src/coordinator/index.ts";
 import { startLocal, type Local } from "../src/local/index.ts";
 import { connectThrough } from "./helpers/client.ts";
 import { captureLogs } from "./helpers/logs.ts";
 import { testPki, type TestPki } from "./helpers/pki.ts";
-import { LOOPBACK_TARGETS, TOKEN } from "./helpers/stack.ts";
+import { startTestCoordinator, TOKEN } from "./helpers/stack.ts";
 import { startHttpTarget, type Target } from "./helpers/targets.ts";
 import { waitUntil } from "./helpers/wait.ts";
 
@@ -56,7 +56,7 @@ let coordinator: Coordinator;
 let web: Target;
 before(async () => {
   pki = await testPki();
-  coordinator = await startCoordinator(resolveConfig({ coordinator: { listen: "127.0.0.1:0", cert: pki.combinedFile, tokens: [TOKEN], allow_targets: LOOPBACK_TARGETS } }, "coordinator").coordinator);
+  coordinator = await startTestCoordinator(pki);
   web = await startHttpTarget();
 });
 after(async () => {
@@ -133,7 +133,7 @@ test("pooled connections that died silently (frozen by the network) cost the gra
 });
 
 test("a coordinator that goes away empties the pool at once; browsers get 502 at once, not a hang", async () => {
-  const second = await startCoordinator(resolveConfig({ coordinator: { listen: "127.0.0.1:0", cert: pki.combinedFile, tokens: [TOKEN], allow_targets: LOOPBACK_TARGETS } }, "coordinator").coordinator);
+  const second = await startTestCoordinator(pki);
   const l = await local(second.addresses[0].port);
   try {
     await fetchThrough(l, "/warm");

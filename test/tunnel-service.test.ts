@@ -2,12 +2,11 @@ import assert from "node:assert/strict";
 import { once } from "node:events";
 import { describe, test } from "node:test";
 import { resolveConfig } from "../src/config.ts";
-import { startCoordinator } from "../src/coordinator/index.ts";
 import { startReporter } from "../src/reporter.ts";
 import type { TunnelState } from "../src/local/tunnel-service.ts";
 import { connectThrough, proxiedRequest } from "./helpers/client.ts";
 import { testPki } from "./helpers/pki.ts";
-import { LOOPBACK_TARGETS, startLocalFor, startStack, TOKEN } from "./helpers/stack.ts";
+import { startLocalFor, startStack, startTestCoordinator } from "./helpers/stack.ts";
 import { closedPort, startHttpTarget } from "./helpers/targets.ts";
 
 // The start-up workflow's liveness: the tunnel service must come back by
@@ -41,7 +40,7 @@ describe("tunnel service liveness", () => {
   test("tunnel = connect-back, reporter down at start: 503 until it is up, then sessions work without a restart", async () => {
     const pki = await testPki();
     const reporterPort = await closedPort();
-    const coordinator = await startCoordinator(resolveConfig({ coordinator: { listen: "127.0.0.1:0", cert: pki.combinedFile, tokens: [TOKEN], allow_targets: LOOPBACK_TARGETS } }, "coordinator").coordinator);
+    const coordinator = await startTestCoordinator(pki);
     const local = await startLocalFor(coordinator.addresses[0].port, reporterPort, pki, { reporter_retries: 1, retry_delay: 20, retry_max_delay: 100, tunnel: "connect-back" });
     const web = await startHttpTarget();
     let reporter: Awaited<ReturnType<typeof startReporter>> | undefined;
@@ -102,7 +101,8 @@ describe("coordinator certificates", () => {
   test("no --cert: a self-signed certificate is generated, and allow_self_signed or its fingerprint lets the local proxy in", async () => {
     const pki = await testPki();
     const reporter = await startReporter(reporterConfig(0));
-    const coordinator = await startCoordinator(resolveConfig({ coordinator: { listen: "127.0.0.1:0", tokens: [TOKEN], allow_targets: LOOPBACK_TARGETS } }, "coordinator").coordinator);
+    // No certificate: the coordinator generates a self-signed one.
+    const coordinator = await startTestCoordinator(pki, { cert: "" });
     const web = await startHttpTarget();
     const locals = [
       await startLocalFor(coordinator.addresses[0].port, reporter.addresses[0].port, pki, { ca: "", allow_self_signed: true }),

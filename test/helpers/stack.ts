@@ -27,6 +27,11 @@ export interface StackOptions {
   reporter?: ConfigInput["reporter"];
 }
 
+/** A coordinator on loopback with the test PKI and token, allowed to dial the tests' loopback targets. */
+export function startTestCoordinator(pki: TestPki, coordinator: ConfigInput["coordinator"] = {}): Promise<Coordinator> {
+  return startCoordinator(resolveConfig({ coordinator: { listen: "127.0.0.1:0", cert: pki.combinedFile, tokens: [TOKEN], allow_targets: LOOPBACK_TARGETS, ...coordinator } }, "coordinator").coordinator);
+}
+
 /** All three roles on loopback, through their startX(config) entry points. */
 export async function startStack(opts: StackOptions = {}): Promise<Stack> {
   const pki = await testPki();
@@ -35,8 +40,7 @@ export async function startStack(opts: StackOptions = {}): Promise<Stack> {
     const rcfg = resolveConfig({ reporter: { listen: "127.0.0.1:0", nat_keep_alive_interval: 2000, ...opts.reporter } }, "reporter");
     const reporter = await startReporter(rcfg.reporter);
     started.push(reporter);
-    const ccfg = resolveConfig({ coordinator: { listen: "127.0.0.1:0", cert: pki.combinedFile, tokens: [TOKEN], allow_targets: LOOPBACK_TARGETS, ...opts.coordinator } }, "coordinator");
-    const coordinator = await startCoordinator(ccfg.coordinator);
+    const coordinator = await startTestCoordinator(pki, opts.coordinator);
     started.push(coordinator);
     const local = await startLocalFor(coordinator.addresses[0].port, reporter.addresses[0].port, pki, opts.local);
     started.push(local);
