@@ -107,7 +107,9 @@ function openHedged(opts: TunnelOpenerOptions, target: HostPort, started: number
         (err: unknown) => {
           outState = "failed";
           outError = err;
-          if (backError) settle(isConnectBackFailure(backError) ? err : backError);
+          // A connect-back that failed for its own reasons has already
+          // settled with its error; one that failed as a path leaves ours.
+          if (backError) settle(err);
         },
       );
     };
