@@ -1,4 +1,4 @@
-import type { Agent } from "node:http";
+import { STATUS_CODES, type Agent } from "node:http";
 import type { Duplex } from "node:stream";
 
 /**
@@ -61,4 +61,16 @@ export function closeWith(socket: Duplex, last: Buffer | string): void {
 /** Closes a keep-alive agent's idle connections, leaving those in use alone. */
 export function destroyIdleSockets(agent: Agent): void {
   for (const list of Object.values(agent.freeSockets)) for (const socket of list ?? []) socket.destroy();
+}
+
+/**
+ * Answers a socket that has left HTTP (a refused CONNECT or Upgrade) with a
+ * whole response, Content-Length and Connection: close included, and closes it.
+ */
+export function closeWithResponse(socket: Duplex, status: number, headers: Record<string, string>, body: string): void {
+  const all = { ...headers, "Content-Length": String(Buffer.byteLength(body)), Connection: "close" };
+  const head = `HTTP/1.1 ${status} ${STATUS_CODES[status] ?? "Error"}\r\n${Object.entries(all)
+    .map(([k, v]) => `${k}: ${v}\r\n`)
+    .join("")}\r\n`;
+  closeWith(socket, head + body);
 }

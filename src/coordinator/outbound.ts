@@ -1,5 +1,4 @@
 import type { IncomingMessage } from "node:http";
-import { STATUS_CODES } from "node:http";
 import type { Socket } from "node:net";
 import type { Duplex } from "node:stream";
 import type { ConsolaInstance } from "consola";
@@ -7,7 +6,7 @@ import { formatHostPort, unmapIPv4 } from "../address.ts";
 import { bridge, bridgeOutcome } from "../bridge.ts";
 import { NatproxyError } from "../errors.ts";
 import { formatSession } from "../request-log.ts";
-import { closeWith, type SocketRegistry } from "../sockets.ts";
+import { closeWith, closeWithResponse, type SocketRegistry } from "../sockets.ts";
 import type { TargetPolicy } from "../target-policy.ts";
 import { encodeResult, isSessionId, openOf, readMessage, type OpenRequest } from "../wire.ts";
 import { API, checkHostPort } from "./api.ts";
@@ -127,13 +126,5 @@ async function serve(ctx: OutboundContext, socket: Duplex, open: OpenRequest, cl
 }
 
 function refuse(socket: Duplex, e: NatproxyError, headers: Record<string, string> = {}): void {
-  const body = JSON.stringify({ error: { code: e.code, message: e.message } });
-  const lines = [
-    `HTTP/1.1 ${e.status} ${STATUS_CODES[e.status] ?? "Error"}`,
-    "Content-Type: application/json",
-    `Content-Length: ${Buffer.byteLength(body)}`,
-    "Connection: close",
-    ...Object.entries(headers).map(([k, v]) => `${k}: ${v}`),
-  ];
-  closeWith(socket, `${lines.join("\r\n")}\r\n\r\n${body}`);
+  closeWithResponse(socket, e.status, { "Content-Type": "application/json", ...headers }, JSON.stringify({ error: { code: e.code, message: e.message } }));
 }

@@ -1,7 +1,7 @@
-import { STATUS_CODES, type ServerResponse } from "node:http";
+import type { ServerResponse } from "node:http";
 import type { Duplex } from "node:stream";
 import { NatproxyError } from "../errors.ts";
-import { closeWith } from "../sockets.ts";
+import { closeWithResponse } from "../sockets.ts";
 
 // What the browser sees when a session fails: a real status, and the reason
 // in the body, so "why does this page not load" has an answer on screen.
@@ -22,18 +22,7 @@ export function writeRawError(socket: Duplex, e: NatproxyError, extraHeaders: Re
     socket.destroy();
     return;
   }
-  const body = errorBody(e);
-  const headers = {
-    "Content-Type": "text/plain; charset=utf-8",
-    "Content-Length": String(Buffer.byteLength(body)),
-    Connection: "close",
-    "X-Natproxy-Error": e.code,
-    ...extraHeaders,
-  };
-  const head = `HTTP/1.1 ${e.status} ${STATUS_CODES[e.status] ?? "Error"}\r\n${Object.entries(headers)
-    .map(([k, v]) => `${k}: ${v}\r\n`)
-    .join("")}\r\n`;
-  closeWith(socket, head + body);
+  closeWithResponse(socket, e.status, { "Content-Type": "text/plain; charset=utf-8", "X-Natproxy-Error": e.code, ...extraHeaders }, errorBody(e));
 }
 
 export function sendError(res: ServerResponse, e: NatproxyError, extraHeaders: Record<string, string> = {}): void {
