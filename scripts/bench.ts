@@ -12,13 +12,12 @@
 // Everything runs on 127.0.0.1 (or in the lab's own namespaces); every child
 // process is ended on exit.
 import { spawnSync } from "node:child_process";
-import { X509Certificate } from "node:crypto";
 import { chmodSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { cpus, loadavg, tmpdir } from "node:os";
 import { dirname, join, relative, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
-import { generateCertificate } from "../src/tls/certs.ts";
+import { writePki } from "../test/helpers/pki.ts";
 import type { ClientJob } from "./bench/client.ts";
 import { CONTENDERS, SkipContender, loopbackPlacement, type BenchEnv, type Contender, type RunningContender } from "./bench/contenders.ts";
 import { LAB_NAT, LAB_ONE_WAY_DELAY_MS, LAB_SERVER_IPS, runDelayPhase, type DelayResult } from "./bench/delay.ts";
@@ -149,26 +148,14 @@ setWatchdog((line) => {
 });
 watchdog.proc.stdin?.write(`dir ${home}\n`);
 
-const pki = await (async () => {
-  const ca = await generateCertificate({ commonName: "natproxy bench CA", isCa: true, days: 2 });
-  // 127.0.0.1 for loopback; the NAT lab's coordinator and web hosts for --delay.
-  const server = await generateCertificate({ commonName: "localhost", dnsNames: ["localhost"], ipAddresses: ["127.0.0.1", ...LAB_SERVER_IPS], ca: { key: ca.key, cert: ca.cert }, days: 2 });
-  const caFile = join(home, "ca.pem");
-  const certFile = join(home, "server.crt");
-  const keyFile = join(home, "server.key");
-  const combinedFile = join(home, "server-combined.pem");
-  writeFileSync(caFile, ca.cert);
-  writeFileSync(certFile, server.cert);
-  writeFileSync(keyFile, server.key, { mode: 0o600 });
-  writeFileSync(combinedFile, `${server.key}\n${server.cert}`, { mode: 0o600 });
-  return { caFile, certFile, keyFile, combinedFile, fingerprint: `sha256:${new X509Certificate(server.cert).fingerprint256}` };
-})();
+// 127.0.0.1 for loopback; the NAT lab's coordinator and web hosts for --delay.
+const pki = await writePki(home, { name: "bench", ipAddresses: ["127.0.0.1", ...LAB_SERVER_IPS] });
 
-const target = await startTarget(pki.certFile, pki.keyFile, "127.0.0.1");
+const target = await startTarget(pki.serverCertFile, pki.serverKeyFile, "127.0.0.1");
 const targetPid = target.child.pid;
 log(`target: HTTP 127.0.0.1:${target.http}, HTTPS 127.0.0.1:${target.https} (pid ${targetPid})`);
 
-const env: BenchEnv = { tmp: home, root: ROOT, natproxyBin, caFile: pki.caFile, combinedFile: pki.combinedFile, pin: args.pin ? pki.fingerprint : undefined };
+const env: BenchEnv = { tmp: home, root: ROOT, natproxyBin, caFile: pki.caFile, combinedFile: pki.combinedFile, pin: args.pin ? pki.server.fingerprint : undefined };
 const wanted = args.only ? new Set(["direct", ...args.only.split(",").map((s) => s.trim())]) : undefined;
 const curlOpts = (expectBytes: number) => ({ caFile: pki.caFile, expectBytes, maxTimeS: opts.opTimeoutS, home });
 const job = (j: Omit<ClientJob, "host" | "httpPort" | "httpsPort" | "caFile">): ClientJob => ({ ...j, host: "127.0.0.1", httpPort: target.http, httpsPort: target.https, caFile: pki.caFile });

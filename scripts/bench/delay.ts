@@ -40,7 +40,7 @@ export interface DelayResult {
 export async function runDelayPhase(o: {
   contenders: Contender[];
   env: BenchEnv;
-  pki: { caFile: string; certFile: string; keyFile: string };
+  pki: { caFile: string; serverCertFile: string; serverKeyFile: string };
   rounds: number;
   count: number;
   rttCount: number;
@@ -96,7 +96,7 @@ export async function runDelayPhase(o: {
       };
     };
     const where: Placement = { name: "lab", near: site("lan", "127.0.0.1"), far: site("coord", lab.coord.ip4), reporter: site("rep", lab.rep.ip4), nearSeenAs: lab.publicIp4 };
-    target = await startTarget(o.pki.certFile, o.pki.keyFile, lab.web.ip4, wrap("web"));
+    target = await startTarget(o.pki.serverCertFile, o.pki.serverKeyFile, lab.web.ip4, wrap("web"));
     const tgt = target;
     const job = (mode: ClientJob["mode"], via: ClientJob["via"], count: number, deadlineMs: number): ClientJob => ({
       mode,

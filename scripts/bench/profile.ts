@@ -10,12 +10,11 @@
 // The .cpuprofile files are kept in --keep DIR (open them in Chrome DevTools
 // or speedscope) or in a temp dir that is removed at exit.
 import { spawnSync } from "node:child_process";
-import { X509Certificate } from "node:crypto";
 import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, relative, resolve } from "node:path";
 import { parseArgs } from "node:util";
-import { generateCertificate } from "../../src/tls/certs.ts";
+import { writePki } from "../../test/helpers/pki.ts";
 import type { ClientJob } from "./client.ts";
 import { loopbackPlacement, natproxyContender, type BenchEnv } from "./contenders.ts";
 import { cpuSeconds, killAllChildrenNow, rssKb, sampleRss, startChild, stopAllChildren, stopChild } from "./procs.ts";
@@ -49,16 +48,7 @@ process.on("exit", () => {
 });
 for (const sig of ["SIGINT", "SIGTERM"] as const) process.on(sig, () => void stopAllChildren().finally(() => process.exit(130)));
 
-const ca = await generateCertificate({ commonName: "natproxy profile CA", isCa: true, days: 2 });
-const server = await generateCertificate({ commonName: "localhost", dnsNames: ["localhost"], ipAddresses: ["127.0.0.1"], ca: { key: ca.key, cert: ca.cert }, days: 2 });
-const caFile = join(tmp, "ca.pem");
-const certFile = join(tmp, "server.crt");
-const keyFile = join(tmp, "server.key");
-const combinedFile = join(tmp, "combined.pem");
-writeFileSync(caFile, ca.cert);
-writeFileSync(certFile, server.cert);
-writeFileSync(keyFile, server.key);
-writeFileSync(combinedFile, `${server.key}\n${server.cert}`);
+const { caFile, serverCertFile: certFile, serverKeyFile: keyFile, combinedFile, server } = await writePki(tmp, { name: "profile", ipAddresses: ["127.0.0.1"] });
 
 const target = await startTarget(certFile, keyFile, "127.0.0.1");
 const env: BenchEnv = {
@@ -72,7 +62,7 @@ const env: BenchEnv = {
     args: ["--cpu-prof", "--cpu-prof-dir", profDir, "--cpu-prof-name", `${role}.cpuprofile`, ...(a["node-flags"] ? a["node-flags"].split(/\s+/) : []), join(ROOT, "src", "cli.ts"), role, "-c", file],
   }),
 };
-if (a.pin) env.pin = `sha256:${new X509Certificate(server.cert).fingerprint256}`;
+if (a.pin) env.pin = server.fingerprint;
 const run = await natproxyContender(`natproxy-${path}`, path).start(env, loopbackPlacement());
 const via = run.via;
 const job = (j: Partial<ClientJob> & Pick<ClientJob, "mode" | "count">): ClientJob => ({ via, host: "127.0.0.1", httpPort: target.http, httpsPort: target.https, caFile, timeoutMs: 60_000, deadlineMs: 120_000, ...j });

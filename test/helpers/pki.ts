@@ -17,21 +17,27 @@ export interface TestPki {
 
 let cached: Promise<TestPki> | undefined;
 
+/**
+ * A private CA and a server certificate for localhost (plus `ipAddresses`)
+ * signed by it, written to `dir`: what the tests, the benchmark and the
+ * profiler trust and serve.
+ */
+export async function writePki(dir: string, opts: { name?: string; ipAddresses?: string[] } = {}): Promise<TestPki> {
+  const ca = await generateCertificate({ commonName: `natproxy ${opts.name ?? "test"} CA`, isCa: true, days: 2 });
+  const server = await generateCertificate({ commonName: "localhost", dnsNames: ["localhost"], ipAddresses: opts.ipAddresses ?? ["127.0.0.1", "::1"], ca: { key: ca.key, cert: ca.cert }, days: 2 });
+  const caFile = join(dir, "ca.pem");
+  const serverCertFile = join(dir, "server.crt");
+  const serverKeyFile = join(dir, "server.key");
+  const combinedFile = join(dir, "key.pem");
+  writeFileSync(caFile, ca.cert);
+  writeFileSync(serverCertFile, server.cert);
+  writeFileSync(serverKeyFile, server.key, { mode: 0o600 });
+  writeFileSync(combinedFile, `${server.key}\n${server.cert}`, { mode: 0o600 });
+  return { dir, ca, caFile, server, serverCertFile, serverKeyFile, combinedFile };
+}
+
 /** A private CA and a server certificate, made once per test process. */
 export function testPki(): Promise<TestPki> {
-  cached ??= (async () => {
-    const dir = mkdtempSync(join(tmpdir(), "natproxy-pki-"));
-    const ca = await generateCertificate({ commonName: "natproxy test CA", isCa: true, days: 2 });
-    const server = await generateCertificate({ commonName: "localhost", dnsNames: ["localhost"], ipAddresses: ["127.0.0.1", "::1"], ca: { key: ca.key, cert: ca.cert }, days: 2 });
-    const caFile = join(dir, "ca.pem");
-    const serverCertFile = join(dir, "server.crt");
-    const serverKeyFile = join(dir, "server.key");
-    const combinedFile = join(dir, "key.pem");
-    writeFileSync(caFile, ca.cert);
-    writeFileSync(serverCertFile, server.cert);
-    writeFileSync(serverKeyFile, server.key, { mode: 0o600 });
-    writeFileSync(combinedFile, `${server.key}\n${server.cert}`, { mode: 0o600 });
-    return { dir, ca, caFile, server, serverCertFile, serverKeyFile, combinedFile };
-  })();
+  cached ??= writePki(mkdtempSync(join(tmpdir(), "natproxy-pki-")));
   return cached;
 }
