@@ -126,14 +126,16 @@ export function decodeMessage(buf: Buffer): { message: WireMessage; rest: Buffer
 }
 
 /**
- * Reads the first message off a stream and puts back whatever followed it,
- * so the caller can pipe the stream from the first payload byte on.
- * It reads in paused mode ('readable' + read()): once its listener is gone the
- * stream is neither flowing nor explicitly paused, so the next consumer's
- * pipe() or 'data' listener starts it and no byte is emitted to nobody.
- * The caller owns timeouts and destroys the stream on rejection.
+ * Reads the front of a stream until `parse` finds a whole unit in what has
+ * arrived, and puts back whatever followed it, so the caller can pipe the
+ * stream from the next byte on. `parse` returns undefined while it needs more
+ * and throws to refuse. It reads in paused mode ('readable' + read()): once
+ * its listener is gone the stream is neither flowing nor explicitly paused,
+ * so the next consumer's pipe() or 'data' listener starts it and no byte is
+ * emitted to nobody. The caller owns timeouts and destroys the stream on
+ * rejection.
  */
-export function readMessage(stream: Duplex): Promise<WireMessage> {
+export function readFramed<T>(stream: Duplex, parse: (buf: Buffer) => { value: T; rest: Buffer } | undefined, closedEarly: () => Error): Promise<T> {
   return new Promise((resolve, reject) => {
     let buf: Buffer = Buffer.alloc(0);
     const cleanup = () => {
@@ -148,7 +150,7 @@ export function readMessage(stream: Duplex): Promise<WireMessage> {
         buf = buf.length ? Buffer.concat([buf, chunk]) : chunk;
         let result;
         try {
-          result = decodeMessage(buf);
+          result = parse(buf);
         } catch (err) {
           cleanup();
           reject(err);
@@ -157,13 +159,13 @@ export function readMessage(stream: Duplex): Promise<WireMessage> {
         if (!result) continue;
         cleanup();
         if (result.rest.length) stream.unshift(result.rest);
-        resolve(result.message);
+        resolve(result.value);
         return;
       }
     };
     const onEnd = () => {
       cleanup();
-      reject(new WireError("the connection closed before its first message"));
+      reject(closedEarly());
     };
     const onError = (err: Error) => {
       cleanup();
@@ -174,4 +176,16 @@ export function readMessage(stream: Duplex): Promise<WireMessage> {
     stream.on("close", onEnd);
     stream.on("error", onError);
   });
+}
+
+/** Reads the first natproxy message off a stream (see readFramed). */
+export function readMessage(stream: Duplex): Promise<WireMessage> {
+  return readFramed(
+    stream,
+    (buf) => {
+      const r = decodeMessage(buf);
+      return r && { value: r.message, rest: r.rest };
+    },
+    () => new WireError("the connection closed before its first message"),
+  );
 }

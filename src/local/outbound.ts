@@ -3,7 +3,7 @@ import tls from "node:tls";
 import type { HostPort } from "../address.ts";
 import { NatproxyError, isErrorCode } from "../errors.ts";
 import { handshakeError, tlsClientOptions, verifyPeer, type Trust } from "../tls/trust.ts";
-import { encodeOpen, readMessage, resultOf, type OpenResult, type WireMessage } from "../wire.ts";
+import { encodeOpen, readFramed, readMessage, resultOf, type OpenResult, type WireMessage } from "../wire.ts";
 import { responseError } from "./coordinator-client.ts";
 
 const TUNNEL_PROTOCOL = "natproxy-tunnel/1";
@@ -150,53 +150,32 @@ export async function readResult(stream: Duplex): Promise<{ msg: WireMessage; re
   return { msg, result };
 }
 
+interface ResponseHead {
+  status: number;
+  headers: Record<string, string>;
+  size: number;
+}
+
 /** Reads an HTTP response head off a stream and puts back what followed it. */
-function readHead(stream: Duplex): Promise<{ status: number; headers: Record<string, string>; size: number }> {
-  return new Promise((resolve, reject) => {
-    let buf: Buffer = Buffer.alloc(0);
-    const cleanup = () => {
-      stream.off("readable", onReadable);
-      stream.off("end", onEnd);
-      stream.off("close", onEnd);
-    };
-    const onEnd = () => {
-      cleanup();
-      reject(new Error("the coordinator closed the connection before answering"));
-    };
-    const onReadable = () => {
-      let chunk: Buffer | null;
-      while ((chunk = stream.read() as Buffer | null) !== null) {
-        buf = buf.length ? Buffer.concat([buf, chunk]) : chunk;
-        const end = buf.indexOf("\r\n\r\n");
-        if (end < 0) {
-          if (buf.length > MAX_HEAD) {
-            cleanup();
-            reject(new Error("the coordinator's answer head is too large"));
-          }
-          continue;
-        }
-        cleanup();
-        const rest = buf.subarray(end + 4);
-        if (rest.length) stream.unshift(rest);
-        const lines = buf.subarray(0, end).toString("latin1").split("\r\n");
-        const m = /^HTTP\/1\.[01] (\d{3})/.exec(lines[0] ?? "");
-        if (!m) {
-          reject(new Error("the coordinator did not answer with HTTP"));
-          return;
-        }
-        const headers: Record<string, string> = {};
-        for (const line of lines.slice(1)) {
-          const colon = line.indexOf(":");
-          if (colon > 0) headers[line.slice(0, colon).trim().toLowerCase()] = line.slice(colon + 1).trim();
-        }
-        resolve({ status: Number(m[1]), headers, size: end + 4 });
-        return;
-      }
-    };
-    stream.on("readable", onReadable);
-    stream.on("end", onEnd);
-    stream.on("close", onEnd);
-  });
+function readHead(stream: Duplex): Promise<ResponseHead> {
+  return readFramed(stream, parseHead, () => new Error("the coordinator closed the connection before answering"));
+}
+
+function parseHead(buf: Buffer): { value: ResponseHead; rest: Buffer } | undefined {
+  const end = buf.indexOf("\r\n\r\n");
+  if (end < 0) {
+    if (buf.length > MAX_HEAD) throw new Error("the coordinator's answer head is too large");
+    return undefined;
+  }
+  const lines = buf.subarray(0, end).toString("latin1").split("\r\n");
+  const m = /^HTTP\/1\.[01] (\d{3})/.exec(lines[0] ?? "");
+  if (!m) throw new Error("the coordinator did not answer with HTTP");
+  const headers: Record<string, string> = {};
+  for (const line of lines.slice(1)) {
+    const colon = line.indexOf(":");
+    if (colon > 0) headers[line.slice(0, colon).trim().toLowerCase()] = line.slice(colon + 1).trim();
+  }
+  return { value: { status: Number(m[1]), headers, size: end + 4 }, rest: buf.subarray(end + 4) };
 }
 
 function readBody(stream: Duplex, limit: number): Promise<string> {
