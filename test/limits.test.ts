@@ -4,11 +4,11 @@ import type { AddressInfo } from "node:net";
 import { after, before, describe, test } from "node:test";
 import { resolveConfig } from "../src/config.ts";
 import type { Coordinator } from "../src/coordinator/index.ts";
-import { startLocal, type Local } from "../src/local/index.ts";
+import type { Local } from "../src/local/index.ts";
 import { startReporter, type ReporterHandle } from "../src/reporter.ts";
 import { connectThrough } from "./helpers/client.ts";
 import { testPki, type TestPki } from "./helpers/pki.ts";
-import { startTestCoordinator, TOKEN } from "./helpers/stack.ts";
+import { startLocalFor, startTestCoordinator, TOKEN } from "./helpers/stack.ts";
 import { startHttpTarget, type Target } from "./helpers/targets.ts";
 import { waitUntil } from "./helpers/wait.ts";
 
@@ -32,23 +32,7 @@ after(async () => {
 });
 
 function startLocalWith(port: number, token: string, extra: Record<string, unknown>): Promise<Local> {
-  return startLocal(
-    resolveConfig(
-      {
-        local: {
-          listen: "127.0.0.1:0",
-          coordinator: `https://localhost:${port}`,
-          token,
-          reporter: `127.0.0.1:${reporter.addresses[0].port}`,
-          ca: pki.caFile,
-          reporter_retries: 0,
-          connect_timeout: 3000,
-          ...extra,
-        },
-      },
-      "local",
-    ).local,
-  );
+  return startLocalFor(port, reporter.addresses[0].port, pki, { token, connect_timeout: 3000, ...extra });
 }
 
 for (const path of ["connect-back", "outbound"] as const) {

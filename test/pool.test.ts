@@ -2,13 +2,12 @@ import assert from "node:assert/strict";
 import { once } from "node:events";
 import net, { type AddressInfo } from "node:net";
 import { after, before, test } from "node:test";
-import { resolveConfig } from "../src/config.ts";
 import type { Coordinator } from "../src/coordinator/index.ts";
-import { startLocal, type Local } from "../src/local/index.ts";
+import type { Local } from "../src/local/index.ts";
 import { connectThrough } from "./helpers/client.ts";
 import { captureLogs } from "./helpers/logs.ts";
 import { testPki, type TestPki } from "./helpers/pki.ts";
-import { startTestCoordinator, TOKEN } from "./helpers/stack.ts";
+import { startLocalFor, startTestCoordinator } from "./helpers/stack.ts";
 import { startHttpTarget, type Target } from "./helpers/targets.ts";
 import { waitUntil } from "./helpers/wait.ts";
 
@@ -64,13 +63,9 @@ after(async () => {
   await web?.close();
 });
 
+/** A local proxy on the outbound path with a pool of 3; it needs no reporter. */
 function local(port: number, extra: Record<string, unknown> = {}): Promise<Local> {
-  return startLocal(
-    resolveConfig(
-      { local: { listen: "127.0.0.1:0", coordinator: `https://localhost:${port}`, token: TOKEN, reporter: "127.0.0.1:1", ca: pki.caFile, tunnel: "outbound", pool_size: 3, ...extra } },
-      "local",
-    ).local,
-  );
+  return startLocalFor(port, 1, pki, { tunnel: "outbound", pool_size: 3, ...extra });
 }
 
 async function fetchThrough(l: Local, path: string): Promise<string> {
