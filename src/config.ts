@@ -69,6 +69,7 @@ const coordinatorSchema = z.strictObject({
   tokens: z.array(z.string()).default([]),
   reporter: z.boolean().default(false),
   connect_back: z.enum(["same-ip", "any"]).default("same-ip"),
+  proxy_protocol: z.boolean().default(false),
   max_sessions: z.number().int().min(1).max(1_000_000).default(4096),
   max_sessions_per_token: z.number().int().min(1).max(1_000_000).default(1024),
   allow_targets: z.array(z.string()).default([]),

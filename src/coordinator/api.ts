@@ -3,6 +3,7 @@ import { isIP } from "node:net";
 import type { ConsolaInstance } from "consola";
 import { formatHostPort, unmapIPv4, type HostPort } from "../address.ts";
 import { NatproxyError } from "../errors.ts";
+import type { CallerOf } from "../proxy-header.ts";
 import { VERSION } from "../version.ts";
 import { isSessionId } from "../wire.ts";
 import type { ProbeRequest, SessionRequest } from "./session.ts";
@@ -20,6 +21,8 @@ const MAX_BODY = 16 * 1024;
 export interface ApiContext {
   checkToken(authorization: string | undefined): number | undefined;
   connectBackPolicy: "same-ip" | "any";
+  /** The caller's address: the TCP peer, or the one a PROXY header named. */
+  callerOf: CallerOf;
   openSession(req: SessionRequest): Promise<{ targetAddress: string }>;
   probe(req: ProbeRequest): Promise<{ ms: number }>;
   log: ConsolaInstance;
@@ -51,7 +54,7 @@ async function handle(ctx: ApiContext, req: IncomingMessage, res: ServerResponse
   if (route === API.hello) {
     if (req.method !== "GET") throw methodNotAllowed(res, "GET");
     req.resume();
-    const client = peerOf(req);
+    const client = ctx.callerOf(req.socket);
     sendJson(res, 200, { software: "natproxy", version: VERSION, client, connect_back: ctx.connectBackPolicy });
     return;
   }
@@ -62,13 +65,13 @@ async function handle(ctx: ApiContext, req: IncomingMessage, res: ServerResponse
   if (req.method !== "POST") throw methodNotAllowed(res, "POST");
   const body = await readJson(req);
   if (route === API.probe) {
-    const probe = validateProbe(body, peerOf(req));
+    const probe = validateProbe(body, ctx.callerOf(req.socket));
     checkConnectBack(ctx, probe.reply.host, probe.client.host);
     const { ms } = await ctx.probe({ probe: probe.probe, reply: probe.reply, client: formatHostPort(probe.client.host, probe.client.port) });
     sendJson(res, 200, { probe: probe.probe, outcome: "connected", ms });
     return;
   }
-  const sessionReq = validateSession(body, peerOf(req));
+  const sessionReq = validateSession(body, ctx.callerOf(req.socket));
   checkConnectBack(ctx, sessionReq.reply.host, sessionReq.client.host);
   const { targetAddress } = await ctx.openSession({
     token,
@@ -89,10 +92,6 @@ function checkConnectBack(ctx: ApiContext, reply: string, client: string): void 
 function methodNotAllowed(res: ServerResponse, allow: string): NatproxyError {
   res.setHeader("Allow", allow);
   return Object.assign(new NatproxyError("BAD_REQUEST", `use ${allow}`), { status: 405 });
-}
-
-function peerOf(req: IncomingMessage): HostPort {
-  return { host: unmapIPv4(req.socket.remoteAddress ?? ""), port: req.socket.remotePort ?? 0 };
 }
 
 function readJson(req: IncomingMessage): Promise<unknown> {

@@ -2,9 +2,11 @@ import type { AddressInfo } from "node:net";
 import https from "node:https";
 import type { Duplex } from "node:stream";
 import tls from "node:tls";
+import { formatHostPort } from "../address.ts";
 import type { CoordinatorConfig } from "../config.ts";
 import { roleLogger } from "../log.ts";
 import { closeServer, deadlineCheckInterval, listen } from "../listen.ts";
+import { directCaller, requireProxyHeader } from "../proxy-header.ts";
 import { SocketRegistry } from "../sockets.ts";
 import { createTargetPolicy } from "../target-policy.ts";
 import { generateCertificate, loadKeyPair, type KeyPair } from "../tls/certs.ts";
@@ -22,6 +24,8 @@ export interface Coordinator {
   liveSockets(): number;
   /** Tunnels holding a session slot (both paths). */
   activeSessions(): number;
+  /** Tunnels given a session slot since start (both paths). */
+  sessionsServed(): number;
   /** Stops accepting at once; with `graceMs`, live tunnels may finish for up to that long. */
   close(opts?: { graceMs?: number }): Promise<void>;
 }
@@ -56,6 +60,9 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
     keepAliveTimeout: config.keep_alive_timeout,
     handshakeTimeout: config.handshake_timeout,
   });
+  // Behind a TCP load balancer the TCP peer is the balancer; the caller is
+  // whoever its PROXY header names, for the same-ip rule and every log line.
+  const callerOf = config.proxy_protocol ? requireProxyHeader(server, { timeout: config.handshake_timeout, log }) : directCaller;
   const checkToken = makeTokenCheck(config.tokens);
   const waiting = new Set<Duplex>();
   server.on(
@@ -63,6 +70,7 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
     apiHandler({
       checkToken,
       connectBackPolicy: config.connect_back,
+      callerOf,
       openSession: (req) => openSession(req, sessionCtx),
       probe: (req) => probeConnectBack(req, sessionCtx),
       log,
@@ -72,6 +80,7 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
     "upgrade",
     upgradeHandler({
       checkToken,
+      callerOf,
       policy: sessionCtx.policy,
       limits: sessionCtx.limits,
       waiting,
@@ -85,16 +94,21 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
   );
   server.on("connection", (socket) => sockets.add(socket));
   server.on("tlsClientError", (err: NodeJS.ErrnoException, socket) => {
-    log.debug(`TLS handshake from ${socket.remoteAddress} failed: ${err.code ?? err.message}`);
+    const caller = callerOf(socket);
+    log.debug(`TLS handshake from ${formatHostPort(caller.host, caller.port)} failed: ${err.code ?? err.message}`);
     socket.destroy();
   });
   const addresses = await listen(server, config.listen);
-  log.info(`HTTPS API listening on ${addresses.map((a) => `${a.address}:${a.port}`).join(", ")}; certificate ${keyPair.subject}, ${keyPair.fingerprint}`);
+  log.info(
+    `HTTPS API listening on ${addresses.map((a) => `${a.address}:${a.port}`).join(", ")}; certificate ${keyPair.subject}, ${keyPair.fingerprint}` +
+      (config.proxy_protocol ? "; every connection must start with a PROXY protocol header (proxy_protocol = true)" : ""),
+  );
   return {
     addresses,
     fingerprint: keyPair.fingerprint,
     liveSockets: () => sockets.size,
     activeSessions: () => sessionCtx.limits.active,
+    sessionsServed: () => sessionCtx.limits.started,
     async close(opts = {}) {
       const closing = closeServer(server);
       server.closeIdleConnections();

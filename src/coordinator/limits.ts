@@ -10,6 +10,7 @@ export class SessionLimits {
   readonly #perToken: number;
   readonly #byToken = new Map<number, number>();
   #total = 0;
+  #started = 0;
 
   constructor(max: number, perToken: number) {
     this.#max = max;
@@ -20,12 +21,18 @@ export class SessionLimits {
     return this.#total;
   }
 
+  /** Slots given out since start. */
+  get started(): number {
+    return this.#started;
+  }
+
   /** A release function, or a TOO_MANY error that says which limit was hit. */
   acquire(token: number): () => void {
     const mine = this.#byToken.get(token) ?? 0;
     if (this.#total >= this.#max) throw new NatproxyError("TOO_MANY", `the coordinator carries its limit of ${this.#max} tunnels ([coordinator] max_sessions)`);
     if (mine >= this.#perToken) throw new NatproxyError("TOO_MANY", `this token has its limit of ${this.#perToken} tunnels open ([coordinator] max_sessions_per_token)`);
     this.#total++;
+    this.#started++;
     this.#byToken.set(token, mine + 1);
     let released = false;
     return () => {

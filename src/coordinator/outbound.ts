@@ -2,9 +2,10 @@ import type { IncomingMessage } from "node:http";
 import type { Socket } from "node:net";
 import type { Duplex } from "node:stream";
 import type { ConsolaInstance } from "consola";
-import { formatHostPort, unmapIPv4 } from "../address.ts";
+import { formatHostPort } from "../address.ts";
 import { bridge, bridgeOutcome } from "../bridge.ts";
 import { NatproxyError } from "../errors.ts";
+import type { CallerOf } from "../proxy-header.ts";
 import { formatSession } from "../request-log.ts";
 import { closeWith, closeWithResponse, type SocketRegistry } from "../sockets.ts";
 import type { TargetPolicy } from "../target-policy.ts";
@@ -18,6 +19,8 @@ export const TUNNEL_PROTOCOL = "natproxy-tunnel/1";
 
 export interface OutboundContext {
   checkToken(authorization: string | undefined): number | undefined;
+  /** The caller's address: the TCP peer, or the one a PROXY header named. */
+  callerOf: CallerOf;
   policy: TargetPolicy;
   limits: SessionLimits;
   connectTimeout: number;
@@ -41,7 +44,8 @@ export function upgradeHandler(ctx: OutboundContext) {
   return (req: IncomingMessage, socket: Duplex, head: Buffer): void => {
     ctx.sockets.add(socket);
     socket.on("error", () => {});
-    const client = formatHostPort(unmapIPv4(req.socket.remoteAddress ?? "?"), req.socket.remotePort ?? 0);
+    const caller = ctx.callerOf(req.socket);
+    const client = formatHostPort(caller.host, caller.port);
     const path = (req.url ?? "").split("?")[0];
     // As on the API: nothing but 401 for a peer without a valid token.
     const token = ctx.checkToken(req.headers.authorization);
