@@ -11,8 +11,14 @@
 // node:tls with full handshakes (no session reuse), verified against the test CA.
 //
 //   node scripts/bench/client.ts '<json ClientJob>'   → one JSON line on stdout
+//
+// Mode "hold" (scripts/bench/scale.ts) talks with its parent while it runs:
+// it prints a JSON line after each phase and waits for the next command line
+// on stdin ("measure", then "close"), so that the parent can read the
+// proxy's memory while every tunnel is open.
 import { readFileSync } from "node:fs";
 import net from "node:net";
+import { createInterface } from "node:readline";
 import tls from "node:tls";
 import type { Duplex } from "node:stream";
 import { PATTERN } from "./pattern.ts";
@@ -25,7 +31,7 @@ export interface Via {
   port?: number;
 }
 export interface ClientJob {
-  mode: "rtt" | "ttfb" | "concurrent" | "rps";
+  mode: "rtt" | "ttfb" | "concurrent" | "rps" | "hold";
   via: Via;
   host: string;
   httpPort: number;
@@ -37,6 +43,10 @@ export interface ClientJob {
   bytes?: number;
   /** rps: how long to run. */
   seconds?: number;
+  /** hold: at most this many tunnels being opened at once (default 10). */
+  window?: number;
+  /** hold: how many of the open tunnels get a sequential round trip (default all). */
+  sample?: number;
   /** Per operation (one request / one tunnel). */
   timeoutMs: number;
   /** The whole job; the client prints what it has and exits after this. */
@@ -415,6 +425,146 @@ async function rps(job: ClientJob) {
   return { completed, seconds: ms / 1000, rps: completed / (ms / 1000), connections, latencyMs: { p50: q(0.5), p90: q(0.9), p99: q(0.99) }, failures: failures.slice(0, 50), failureCount: failures.length };
 }
 
+interface Held {
+  socket: tls.TLSSocket;
+  /** Closed or failed before the client closed it. */
+  lostEarly?: string;
+}
+
+/** GET /small on an open keep-alive TLS connection; ms from the write to the whole response. */
+async function roundTrip(s: tls.TLSSocket, job: ClientJob, stage: string): Promise<number> {
+  const t0 = now();
+  s.write(`GET /small HTTP/1.1\r\nHost: ${job.host}:${job.httpsPort}\r\n\r\n`);
+  const res = await withTimeout(readResponse(s, stage, false), job.timeoutMs, stage, () => s.destroy());
+  if (res.status !== 200) throw new OpError(stage, `status ${res.status}`);
+  if (res.closeAfter) throw new OpError(stage, "the target closes the connection");
+  return now() - t0;
+}
+
+/** A tunnel with TLS to the target and one request done on it, left open. */
+async function openHeld(job: ClientJob, closing: { now: boolean }): Promise<{ held: Held; setupMs: number; tlsMs: number; firstRequestMs: number }> {
+  const sockets: Duplex[] = [];
+  const run = async () => {
+    const t0 = now();
+    const timings: Timings = { tcp: 0, tunnel: 0 };
+    const raw = await openStream(job.via, job.host, job.httpsPort, t0, timings);
+    sockets.push(raw);
+    if (raw.readableLength > 0) throw new OpError("tunnel", "unexpected bytes after the tunnel reply");
+    const s = await tlsOver(raw, job.host, job.caFile);
+    sockets.push(s);
+    const tlsMs = now() - t0 - timings.tunnel;
+    const held: Held = { socket: s };
+    // Kept for the tunnel's whole life: an error on an idle socket would
+    // otherwise end this process.
+    s.on("error", (err: NodeJS.ErrnoException) => {
+      if (!closing.now) held.lostEarly ??= `error ${err.code ?? err.message}`;
+    });
+    s.on("close", () => {
+      if (!closing.now) held.lostEarly ??= "closed";
+    });
+    const firstRequestMs = await roundTrip(s, job, "first-request");
+    // CONNECT written (right after the TCP connect) to "200" read.
+    return { held, setupMs: timings.tunnel - timings.tcp, tlsMs, firstRequestMs };
+  };
+  try {
+    return await withTimeout(run(), job.timeoutMs, "open", () => sockets.forEach((s) => s.destroy()));
+  } catch (err) {
+    for (const s of sockets) s.destroy();
+    throw err;
+  }
+}
+
+async function hold(job: ClientJob) {
+  const emit = (o: object): void => void process.stdout.write(`${JSON.stringify(o)}\n`);
+  const lines = createInterface({ input: process.stdin });
+  const waiting: Array<(line: string) => void> = [];
+  lines.on("line", (l) => waiting.shift()?.(l.trim()));
+  // The parent is gone: nothing will ask for the next phase.
+  lines.on("close", () => process.exit(4));
+  const command = (): Promise<string> => new Promise((resolve) => waiting.push(resolve));
+  const round = (xs: number[]): number[] => xs.map((x) => Math.round(x * 1000) / 1000);
+  const stop = now() + job.deadlineMs;
+  const closing = { now: false };
+
+  // Open: a window of tunnels in flight, so that setup latency measures the
+  // cost of one tunnel with the others open, not a queue of N handshakes.
+  const held: Held[] = [];
+  const setupMs: number[] = [];
+  const tlsMs: number[] = [];
+  const firstRequestMs: number[] = [];
+  const openFailures: Failure[] = [];
+  const window = Math.max(1, Math.min(job.window ?? 10, job.count));
+  let next = 0;
+  const t0 = now();
+  await Promise.all(
+    Array.from({ length: window }, async () => {
+      while (next < job.count && now() < stop) {
+        next++;
+        try {
+          const r = await openHeld(job, closing);
+          held.push(r.held);
+          setupMs.push(r.setupMs);
+          tlsMs.push(r.tlsMs);
+          firstRequestMs.push(r.firstRequestMs);
+        } catch (err) {
+          openFailures.push(failureOf(err));
+        }
+      }
+    }),
+  );
+  emit({ phase: "open", openSeconds: (now() - t0) / 1000, tried: next, ok: held.length, failed: openFailures.length, failures: openFailures.slice(0, 50), setupMs: round(setupMs), tlsMs: round(tlsMs), firstRequestMs: round(firstRequestMs) });
+
+  if ((await command()) !== "measure") throw new Error("expected measure");
+  const lostBeforeMeasure = held.filter((h) => h.lostEarly).length;
+  const live = held.filter((h) => !h.lostEarly);
+  // One at a time over an even sample: the latency of a request while N
+  // tunnels are open, not the queue of N requests at once (that is "burst").
+  const sample = Math.max(0, Math.min(job.sample ?? live.length, live.length));
+  const rttMs: number[] = [];
+  const rttFailures: Failure[] = [];
+  for (let i = 0; i < sample && now() < stop; i++) {
+    const h = live[Math.floor((i * live.length) / sample)];
+    try {
+      rttMs.push(await roundTrip(h.socket, job, "rtt"));
+    } catch (err) {
+      rttFailures.push(failureOf(err));
+    }
+  }
+  // Every open tunnel sends one request at the same moment.
+  const burstStart = now();
+  const burst = await Promise.all(
+    live.map(async (h) => {
+      try {
+        await roundTrip(h.socket, job, "burst");
+        return { ms: now() - burstStart };
+      } catch (err) {
+        return { failure: failureOf(err) };
+      }
+    }),
+  );
+  const burstMs = burst.flatMap((b) => (b.ms === undefined ? [] : [b.ms]));
+  const burstFailures = burst.flatMap((b) => (b.failure ? [b.failure] : []));
+  emit({ phase: "measured", lostBeforeMeasure, rttMs: round(rttMs), rttFailed: rttFailures.length, burstMs: round(burstMs), burstFailed: burstFailures.length, failures: [...rttFailures, ...burstFailures].slice(0, 50) });
+
+  if ((await command()) !== "close") throw new Error("expected close");
+  const lostBeforeClose = held.filter((h) => h.lostEarly);
+  closing.now = true;
+  // As a browser leaves: TLS close_notify and FIN, then wait for the other side.
+  const closeStart = now();
+  await withTimeout(
+    Promise.all(held.map((h) => (h.socket.closed ? undefined : new Promise<void>((resolve) => {
+      h.socket.once("close", () => resolve());
+      h.socket.end();
+    })))),
+    5000,
+    "close",
+    () => {},
+  ).catch(() => {});
+  const notClosed = held.filter((h) => !h.socket.closed).length;
+  for (const h of held) h.socket.destroy();
+  return { phase: "closed", closeSeconds: (now() - closeStart) / 1000, notClosedIn5s: notClosed, lostWhileHeld: lostBeforeClose.length, lostReasons: [...new Set(lostBeforeClose.map((h) => h.lostEarly))].slice(0, 10) };
+}
+
 async function main(): Promise<void> {
   const job = JSON.parse(process.argv[2] ?? "") as ClientJob;
   // The whole job is bounded: whatever happens, the process ends.
@@ -422,7 +572,7 @@ async function main(): Promise<void> {
     process.stdout.write(`${JSON.stringify({ error: `client deadline of ${job.deadlineMs} ms passed` })}\n`);
     process.exit(3);
   }, job.deadlineMs + 5_000).unref();
-  const modes = { rtt, ttfb, concurrent, rps };
+  const modes = { rtt, ttfb, concurrent, rps, hold };
   const result = await modes[job.mode](job);
   process.stdout.write(`${JSON.stringify(result)}\n`);
   process.exit(0);

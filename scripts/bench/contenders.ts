@@ -208,17 +208,26 @@ function toml(sections: Record<string, Record<string, TomlValue>>, top: Record<s
  * connect-back path, the reporter), each a process of dist/natproxy with its
  * own config file. `path` is written as [local] tunnel; `extraLocal` is added
  * to [local]. log_level "warn": no line per session, as squid and ss run
- * without access logs.
+ * without access logs. `extraCoordinator` is added to [coordinator] (e.g. the
+ * session limits scripts/bench/scale.ts raises).
  */
-export function natproxyContender(name: string, path: "connect-back" | "outbound", extraLocal: Record<string, TomlValue> = {}, describe?: string): Contender {
+export function natproxyContender(
+  name: string,
+  path: "connect-back" | "outbound",
+  extraLocal: Record<string, TomlValue> = {},
+  describe?: string,
+  extraCoordinator: Record<string, TomlValue> = {},
+): Contender {
   const local: Record<string, TomlValue> = { tunnel: path, ...extraLocal };
-  const extras = Object.entries(local).map(([k, v]) => `${k}=${JSON.stringify(v)}`).join(" ");
+  const kv = (o: Record<string, TomlValue>): string => Object.entries(o).map(([k, v]) => `${k}=${JSON.stringify(v)}`).join(" ");
+  const extras = kv(local);
+  const coordinatorExtras = kv(extraCoordinator);
   // The outbound path never asks the reporter (the local proxy dials the
   // coordinator's HTTPS port itself), so no reporter runs for it.
   const withReporter = path !== "outbound";
   return {
     name,
-    describe: describe ?? `dist/natproxy ${withReporter ? "reporter + " : ""}coordinator + local, [local] ${extras}`,
+    describe: describe ?? `dist/natproxy ${withReporter ? "reporter + " : ""}coordinator + local, [local] ${extras}${coordinatorExtras ? `, [coordinator] ${coordinatorExtras}` : ""}`,
     async start(env, where) {
       const dir = join(env.tmp, `${name}-${where.name}`);
       mkdirSync(dir, { recursive: true });
@@ -235,7 +244,7 @@ export function natproxyContender(name: string, path: "connect-back" | "outbound
       // The coordinator refuses loopback targets by default (SSRF guard); the
       // bench's target is on 127.0.0.1 (in the NAT lab on a documentation
       // address, which is allowed anyway).
-      writeFileSync(files.coordinator, toml({ coordinator: { listen: `${where.far.ip}:${coordinatorPort}`, cert: env.combinedFile, tokens: [TOKEN], allow_targets: ["127.0.0.1"] } }, top));
+      writeFileSync(files.coordinator, toml({ coordinator: { listen: `${where.far.ip}:${coordinatorPort}`, cert: env.combinedFile, tokens: [TOKEN], allow_targets: ["127.0.0.1"], ...extraCoordinator } }, top));
       writeFileSync(
         files.local,
         toml(
@@ -262,8 +271,8 @@ export function natproxyContender(name: string, path: "connect-back" | "outbound
           const text = c.log();
           await stopChild(c);
           // A config key this build does not know: a tunnel path not implemented yet.
-          const refused = /unknown key/i.test(text) && Object.keys(local).some((k) => text.includes(`"${k}"`));
-          if (refused) throw new SkipContender(`this build refuses [local] ${extras}: ${text.trim().split("\n").slice(-2).join(" ").replace(/\s+/g, " ")}`);
+          const refused = /unknown key/i.test(text) && [...Object.keys(local), ...Object.keys(extraCoordinator)].some((k) => text.includes(`"${k}"`));
+          if (refused) throw new SkipContender(`this build refuses [local] ${extras}${coordinatorExtras ? ` or [coordinator] ${coordinatorExtras}` : ""}: ${text.trim().split("\n").slice(-2).join(" ").replace(/\s+/g, " ")}`);
           throw err;
         }
         return c;

@@ -161,6 +161,17 @@ function statusKb(pid: number, key: string): number {
 export const rssKb = (pids: number[]): number => pids.reduce((sum, p) => sum + statusKb(p, "VmRSS"), 0);
 export const hwmKb = (pids: number[]): number => pids.reduce((sum, p) => sum + statusKb(p, "VmHWM"), 0);
 
+/** Open file descriptors, summed over the processes (0 for one that is gone). */
+export function fdCount(pids: number[]): number {
+  let n = 0;
+  for (const pid of pids) {
+    try {
+      n += readdirSync(`/proc/${pid}/fd`).length;
+    } catch {}
+  }
+  return n;
+}
+
 /** Resets VmHWM to the current RSS (Linux ≥ 4.0, root); false where refused. */
 export function resetPeakRss(pids: number[]): boolean {
   let ok = pids.length > 0;

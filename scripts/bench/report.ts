@@ -163,3 +163,106 @@ export function renderSvg(t: Table, title: string, subtitle: string): string {
   });
   return `<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" viewBox="0 0 ${W} ${H}">\n${parts.join("\n")}\n</svg>\n`;
 }
+
+export interface LineSeries {
+  /** Index into the chart's groups: the colour (e.g. one per tunnel path). */
+  group: number;
+  /** E.g. medians solid, p99 dashed; the chart's styleNote says which is which. */
+  dashed?: boolean;
+  points: Array<[number, number]>;
+}
+
+export interface LinePanel {
+  title: string;
+  yLabel: string;
+  yLog?: boolean;
+  series: LineSeries[];
+  /** Drawn under the panel's title. */
+  note?: string;
+}
+
+/** "Nice" ticks: 1-2-5 steps covering lo..hi. */
+function niceTicks(lo: number, hi: number, log: boolean): number[] {
+  if (log) {
+    const out: number[] = [];
+    for (let e = Math.floor(Math.log10(lo)); e <= Math.ceil(Math.log10(hi)); e++) for (const m of [1, 2, 5]) out.push(m * 10 ** e);
+    return out.filter((v) => v >= lo * 0.999 && v <= hi * 1.001);
+  }
+  const span = hi - lo || 1;
+  const raw = span / 6;
+  const mag = 10 ** Math.floor(Math.log10(raw));
+  const step = [1, 2, 5, 10].map((m) => m * mag).find((s) => s >= raw) ?? raw;
+  const out: number[] = [];
+  for (let v = Math.ceil(lo / step) * step; v <= hi + step * 1e-9 && out.length < 50; v += step) out.push(v);
+  return out;
+}
+
+/**
+ * Panels side by side, one shared x axis kind (log scale, ticks at `xTicks`,
+ * e.g. the numbers of tunnels measured), one colour per group.
+ */
+export function renderLineCharts(c: { title: string; subtitle: string; xLabel: string; xTicks: number[]; groups: string[]; styleNote: string; panels: LinePanel[] }): string {
+  const PW = 440;
+  const W = 60 + c.panels.length * (PW + 70);
+  const H = 560;
+  const parts: string[] = [`<rect width="${W}" height="${H}" fill="white"/>`];
+  const text = (x: number, y: number, s: string, o: { size?: number; anchor?: string; weight?: string; fill?: string; rotate?: number } = {}): void => {
+    const tr = o.rotate ? ` transform="rotate(${o.rotate} ${x} ${y})"` : "";
+    parts.push(`<text x="${x.toFixed(1)}" y="${y.toFixed(1)}" font-family="DejaVu Sans, sans-serif" font-size="${o.size ?? 12}" text-anchor="${o.anchor ?? "start"}" font-weight="${o.weight ?? "normal"}" fill="${o.fill ?? "#222"}"${tr}>${esc(s)}</text>`);
+  };
+  text(24, 32, c.title, { size: 18, weight: "bold" });
+  text(24, 52, c.subtitle, { size: 12, fill: "#555" });
+  c.groups.forEach((g, i) => {
+    const x = 24 + i * 200;
+    parts.push(`<line x1="${x}" y1="73" x2="${x + 24}" y2="73" stroke="${COLORS[i % COLORS.length]}" stroke-width="3"/>`);
+    text(x + 30, 78, g, { size: 13 });
+  });
+  text(24 + c.groups.length * 200, 78, c.styleNote, { size: 12, fill: "#555" });
+
+  const xs = c.xTicks.filter((x) => x > 0);
+  const xlo = Math.min(...xs);
+  const xhi = Math.max(...xs);
+  c.panels.forEach((p, pi) => {
+    const box = { x: 80 + pi * (PW + 70), y: 130, w: PW, h: 340 };
+    text(box.x, box.y - 22, p.title, { size: 14, weight: "bold" });
+    if (p.note) text(box.x, box.y - 7, p.note, { size: 11, fill: "#555" });
+    const ys = p.series.flatMap((s) => s.points.map(([, y]) => y)).filter((y) => Number.isFinite(y) && (!p.yLog || y > 0));
+    if (!ys.length) {
+      text(box.x + box.w / 2, box.y + box.h / 2, "no data", { anchor: "middle", fill: "#999" });
+      return;
+    }
+    let ylo = Math.min(...ys);
+    let yhi = Math.max(...ys);
+    if (p.yLog) {
+      ylo = 10 ** Math.floor(Math.log10(ylo));
+      yhi = 10 ** Math.ceil(Math.log10(yhi));
+    } else {
+      ylo = 0;
+      yhi = yhi * 1.08 || 1;
+    }
+    const xOf = (x: number): number => box.x + (xhi === xlo ? 0.5 : (Math.log10(x) - Math.log10(xlo)) / (Math.log10(xhi) - Math.log10(xlo))) * box.w;
+    const yOf = (y: number): number => box.y + box.h - (p.yLog ? (Math.log10(y) - Math.log10(ylo)) / (Math.log10(yhi) - Math.log10(ylo) || 1) : (y - ylo) / (yhi - ylo)) * box.h;
+    for (const t of niceTicks(ylo, yhi, !!p.yLog)) {
+      const y = yOf(t);
+      parts.push(`<line x1="${box.x}" y1="${y.toFixed(1)}" x2="${box.x + box.w}" y2="${y.toFixed(1)}" stroke="#e4e4e4"/>`);
+      text(box.x - 6, y + 4, String(Number(t.toPrecision(3))), { size: 11, anchor: "end", fill: "#555" });
+    }
+    for (const t of xs) {
+      const x = xOf(t);
+      parts.push(`<line x1="${x.toFixed(1)}" y1="${box.y}" x2="${x.toFixed(1)}" y2="${box.y + box.h}" stroke="#eee"/>`);
+      text(x, box.y + box.h + 16, String(t), { size: 11, anchor: "middle", fill: "#555" });
+    }
+    parts.push(`<rect x="${box.x}" y="${box.y}" width="${box.w}" height="${box.h}" fill="none" stroke="#999"/>`);
+    text(box.x + box.w / 2, box.y + box.h + 36, c.xLabel, { size: 12, anchor: "middle" });
+    text(box.x - 50, box.y + box.h / 2, p.yLabel, { size: 12, anchor: "middle", rotate: -90 });
+    for (const s of p.series) {
+      const pts = s.points.filter(([x, y]) => x > 0 && Number.isFinite(y) && (!p.yLog || y > 0)).sort((a, b) => a[0] - b[0]);
+      if (!pts.length) continue;
+      const color = COLORS[s.group % COLORS.length];
+      const d = pts.map(([x, y], i) => `${i ? "L" : "M"}${xOf(x).toFixed(1)},${yOf(y).toFixed(1)}`).join(" ");
+      parts.push(`<path d="${d}" fill="none" stroke="${color}" stroke-width="2.2"${s.dashed ? ' stroke-dasharray="7,5"' : ""}/>`);
+      for (const [x, y] of pts) parts.push(`<circle cx="${xOf(x).toFixed(1)}" cy="${yOf(y).toFixed(1)}" r="3.2" fill="${s.dashed ? "white" : color}" stroke="${color}" stroke-width="1.5"/>`);
+    }
+  });
+  return `<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" viewBox="0 0 ${W} ${H}">\n${parts.join("\n")}\n</svg>\n`;
+}

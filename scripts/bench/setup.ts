@@ -24,8 +24,9 @@ function run(cmd: string, args: string[], env?: NodeJS.ProcessEnv): { status: nu
   return { status: r.status, out: `${r.stdout ?? ""}${r.stderr ?? ""}` };
 }
 
-export function ensurePackages(log: (s: string) => void): void {
-  const missing = [...new Set(NEEDED.filter(([cmd]) => !has(cmd)).map(([, pkg]) => pkg))];
+/** `needed`: command → package pairs a script needs (by default the bench's); the optional ones are always tried. */
+export function ensurePackages(log: (s: string) => void, needed: Array<[string, string]> = NEEDED): void {
+  const missing = [...new Set(needed.filter(([cmd]) => !has(cmd)).map(([, pkg]) => pkg))];
   const optional = [...new Set(OPTIONAL.filter(([cmd]) => !has(cmd)).map(([, pkg]) => pkg))];
   if (missing.length === 0 && (optional.length === 0 || process.getuid?.() !== 0)) return;
   if (missing.length && process.getuid?.() !== 0) throw new Error(`missing ${missing.join(", ")}; install them (apt-get install --no-install-recommends ${missing.join(" ")}) or run as root`);
@@ -37,7 +38,7 @@ export function ensurePackages(log: (s: string) => void): void {
       log(`could not install ${optional.join(", ")} (the chart stays an SVG): ${(err as Error).message.split("\n")[0]}`);
     }
   }
-  const still = NEEDED.filter(([cmd]) => !has(cmd)).map(([cmd]) => cmd);
+  const still = needed.filter(([cmd]) => !has(cmd)).map(([cmd]) => cmd);
   if (still.length) throw new Error(`still missing after install: ${still.join(", ")}`);
 }
 

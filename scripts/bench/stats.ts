@@ -23,3 +23,9 @@ export function summarize(values: number[]): Summary | undefined {
 }
 
 export const median = (values: number[]): number | undefined => summarize(values)?.median;
+
+/** The p-quantile (0..1), interpolated; undefined without finite values. */
+export function percentile(values: number[], p: number): number | undefined {
+  const v = values.filter((x) => Number.isFinite(x)).sort((a, b) => a - b);
+  return v.length ? quantile(v, p) : undefined;
+}
