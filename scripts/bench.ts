@@ -510,13 +510,16 @@ for (const n of names.filter((x) => x.startsWith("natproxy"))) {
   check("CPU <= 4 s/GB", c.cpu?.summary?.median, (v) => `${v.toFixed(2)} s/GB`, (v) => v <= 4);
   const outbound = n.includes("outbound");
   const labS = summarize(delay?.contenders[n]?.rounds.flatMap((r) => r.samples.map((x) => x.firstByte)) ?? []);
-  const added = labS && delayRttMs && labDirectMs !== undefined ? (labS.median - labDirectMs) / delayRttMs : undefined;
+  // Round trips as the issue counts them (direct measures about 3): the
+  // median first byte over the lab's RTT, CPU time on the way included.
+  const rtts = labS && delayRttMs ? labS.median / delayRttMs : undefined;
+  const directRtts = labDirectMs !== undefined && delayRttMs ? labDirectMs / delayRttMs : undefined;
   check(
-    `first byte <= ${outbound ? "2.0" : "4.0"} RTT over direct @20ms${outbound ? " (warm pool)" : ""}`,
-    added,
-    (v) => `+${v.toFixed(2)} RTT`,
+    `first byte <= ${outbound ? "2.0" : "4.0"} round trips @20ms${outbound ? " (warm pool)" : ""}`,
+    rtts,
+    (v) => `${v.toFixed(2)} RTT`,
     (v) => v <= (outbound ? 2.0 : 4.0),
-    labS ? ` (${labS.median.toFixed(0)} vs ${labDirectMs?.toFixed(0)} ms, RTT ${delayRttMs?.toFixed(1)} ms)` : "",
+    labS ? ` (${labS.median.toFixed(1)} ms; direct ${labDirectMs?.toFixed(1)} ms = ${directRtts?.toFixed(2)} RTT; RTT ${delayRttMs?.toFixed(1)} ms)` : "",
   );
   const conc = rounds.map((rd) => rd.concurrent[n]).filter((x) => x && x.totalMs !== undefined);
   const failed = conc.reduce((sum, x) => sum + (x.failed ?? 0), 0);

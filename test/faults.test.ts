@@ -153,9 +153,15 @@ describe("the coordinator restarts", () => {
         assert.equal(before.status, 200);
         const live = await connectThrough(stack.proxyPort, `127.0.0.1:${web.port}`);
         assert.equal(live.status, 200);
+        // Live means bytes flowed: an optimistic 200 comes before the tunnel is.
+        live.socket.write("GET /live HTTP/1.1\r\nHost: x\r\n\r\n");
+        await once(live.socket, "data");
         const cut = drain(live.socket);
         await stack.coordinator.close();
         await cut;
+        // Ready outbound connections are dropped as their close arrives; one
+        // not yet seen would carry an optimistic 200 and then a reset.
+        await waitUntil(() => stack.local.outboundPool.size === 0, 3000, "the pool saw the coordinator go");
         // While it is down: a real status, quickly.
         const down = await connectThrough(stack.proxyPort, `127.0.0.1:${web.port}`);
         assert.equal(down.status, 502, `${path}: ${down.body}`);

@@ -50,14 +50,10 @@ for (const path of ["connect-back", "outbound"] as const) {
           await new Promise((r) => c.socket.once("close", r));
           return text.startsWith("HTTP/1.1 200") ? undefined : `ok-connect: ${text.slice(0, 40)}`;
         }
-        case "refused": {
-          const c = await connectThrough(stack.proxyPort, `127.0.0.1:${refusedPort}`);
-          return c.status === 502 ? undefined : `refused: ${c.status}`;
-        }
-        case "forbidden": {
-          const c = await connectThrough(stack.proxyPort, "10.0.0.1:80");
-          return c.status === 403 ? undefined : `forbidden: ${c.status}`;
-        }
+        case "refused":
+          return failed("refused", await connectThrough(stack.proxyPort, `127.0.0.1:${refusedPort}`), 502);
+        case "forbidden":
+          return failed("forbidden", await connectThrough(stack.proxyPort, "10.0.0.1:80"), 403);
         case "aborted": {
           const c = await connectThrough(stack.proxyPort, `127.0.0.1:${web.port}`);
           if (c.status !== 200) return `aborted: ${c.status}`;
@@ -72,6 +68,22 @@ for (const path of ["connect-back", "outbound"] as const) {
           return undefined;
         }
       }
+    }
+
+    /**
+     * A CONNECT whose target fails: its status, or on the outbound path with a
+     * ready connection (optimistic CONNECT) a 200 and then a reset, no byte.
+     */
+    async function failed(outcome: Outcome, c: Awaited<ReturnType<typeof connectThrough>>, status: number): Promise<string | undefined> {
+      if (c.status === status) return undefined;
+      if (c.status !== 200 || path !== "outbound") return `${outcome}: ${c.status}`;
+      let bytes = 0;
+      c.socket.on("data", (d: Buffer) => (bytes += d.length));
+      const err = await new Promise<string | undefined>((resolve) => {
+        c.socket.once("error", (e: NodeJS.ErrnoException) => resolve(e.code));
+        c.socket.once("close", () => resolve(undefined));
+      });
+      return err === "ECONNRESET" && bytes === 0 ? undefined : `${outcome}: 200, then ${err ?? "a clean close"} after ${bytes} bytes`;
     }
 
     test(`${SESSIONS} sessions of every outcome leave descriptors and tables at their baseline`, async () => {

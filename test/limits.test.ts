@@ -44,8 +44,9 @@ for (const path of ["connect-back", "outbound"] as const) {
     after(async () => coordinator?.close());
 
     test("per token, then in all: 429 TOO_MANY naming the limit; a closed tunnel frees its slot", async () => {
-      const a = await startLocalWith(coordinator.addresses[0].port, TOKEN, { tunnel: path });
-      const b = await startLocalWith(coordinator.addresses[0].port, TOKEN_B, { tunnel: path });
+      // The coordinator's refusal as a status: no optimistic 200 before it.
+      const a = await startLocalWith(coordinator.addresses[0].port, TOKEN, { tunnel: path, optimistic_connect: false });
+      const b = await startLocalWith(coordinator.addresses[0].port, TOKEN_B, { tunnel: path, optimistic_connect: false });
       const open: Awaited<ReturnType<typeof connectThrough>>[] = [];
       try {
         for (let i = 0; i < 2; i++) open.push(await connectThrough(a.proxyAddress.port, `127.0.0.1:${web.port}`));

@@ -8,7 +8,7 @@ import { connectThrough } from "./helpers/client.ts";
 import { captureLogs } from "./helpers/logs.ts";
 import { testPki, type TestPki } from "./helpers/pki.ts";
 import { startLocalFor, startTestCoordinator } from "./helpers/stack.ts";
-import { startHttpTarget, type Target } from "./helpers/targets.ts";
+import { closedPort, startHttpTarget, type Target } from "./helpers/targets.ts";
 import { waitUntil } from "./helpers/wait.ts";
 
 // The outbound path's pool of ready (TLS'd, authenticated, upgraded)
@@ -117,6 +117,8 @@ test("pooled connections that died silently (frozen by the network) cost the gra
     await waitUntil(() => l.outboundPool.size === 3, 3000, "filled");
     relay.freeze();
     const t0 = performance.now();
+    // The request went out right after the (optimistic) 200, into the
+    // frozen connection; the fresh dial got it replayed.
     assert.match(await fetchThrough(l, "/after-freeze"), /"url":"\/after-freeze"/);
     const ms = performance.now() - t0;
     assert.ok(ms >= 350 && ms < 3000, `served by a fresh dial after the grace period (${Math.round(ms)} ms)`);
@@ -139,6 +141,50 @@ test("a coordinator that goes away empties the pool at once; browsers get 502 at
     const c = await connectThrough(l.proxyAddress.port, `127.0.0.1:${web.port}`);
     assert.equal(c.status, 502);
     assert.ok(performance.now() - t0 < 2000);
+  } finally {
+    await l.close();
+  }
+});
+
+test("optimistic CONNECT: with a ready connection the 200 does not wait for the target, the first bytes ride with the Open, and the counts stay exact", async () => {
+  const logs = captureLogs("local");
+  const l = await local(coordinator.addresses[0].port);
+  try {
+    await fetchThrough(l, "/warm");
+    await waitUntil(() => l.outboundPool.size === 3, 3000, "filled");
+    // A refused target: the 200 came anyway, so the coordinator's answer was
+    // not waited for; the failure is a reset, and the log names it.
+    const refusedPort = await closedPort();
+    const c = await connectThrough(l.proxyAddress.port, `127.0.0.1:${refusedPort}`);
+    assert.equal(c.status, 200);
+    const err = await new Promise<NodeJS.ErrnoException | undefined>((resolve) => {
+      c.socket.once("error", resolve);
+      c.socket.once("close", () => resolve(undefined));
+      c.socket.write("hello?");
+    });
+    assert.equal(err?.code, "ECONNRESET");
+    await waitUntil(() => logs.sessions().some((s) => s.includes(`target=127.0.0.1:${refusedPort}`) && s.includes("outcome=TARGET_REFUSED")), 3000, "outcome=TARGET_REFUSED in the log");
+    // A good target: the request written right after the 200 arrives whole,
+    // and the log counts it once.
+    const request = `GET /optimistic HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n`;
+    const hits = l.outboundPool.hits;
+    assert.match(await fetchThrough(l, "/optimistic"), /"url":"\/optimistic"/);
+    assert.equal(l.outboundPool.hits, hits + 1);
+    await waitUntil(() => logs.sessions().some((s) => s.includes("outcome=ok") && s.includes(`up=${request.length} `)), 3000, `a session line with up=${request.length}`);
+  } finally {
+    logs.restore();
+    await l.close();
+  }
+});
+
+test("optimistic_connect = false: a warm pool still waits for the target, and a refused target is a 502", async () => {
+  const l = await local(coordinator.addresses[0].port, { optimistic_connect: false });
+  try {
+    await fetchThrough(l, "/warm");
+    await waitUntil(() => l.outboundPool.size === 3, 3000, "filled");
+    const c = await connectThrough(l.proxyAddress.port, `127.0.0.1:${await closedPort()}`);
+    assert.equal(c.status, 502);
+    assert.equal(c.headers["x-natproxy-error"], "TARGET_REFUSED");
   } finally {
     await l.close();
   }

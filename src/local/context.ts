@@ -12,6 +12,12 @@ export interface HandlerContext {
   sockets: SocketRegistry;
   log: ConsolaInstance;
   bridgeTimeouts: BridgeTimeouts;
+  /**
+   * [local] optimistic_connect, and a ready outbound connection waiting: that
+   * connection has proved token, certificate and path, so only the target's
+   * own failure is left to be shown as a reset instead of a status.
+   */
+  optimisticConnect(): boolean;
 }
 
 export function clientOf(req: IncomingMessage): string {

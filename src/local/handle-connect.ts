@@ -6,7 +6,9 @@ import { formatSession } from "../request-log.ts";
 import { PROXY_AUTH_CHALLENGE } from "./proxy-auth.ts";
 import { clientOf, type HandlerContext } from "./context.ts";
 import { writeRawError } from "./respond.ts";
-import { spliceThroughTunnel } from "./splice.ts";
+import { spliceOptimistic, spliceThroughTunnel } from "./splice.ts";
+
+const CONNECT_OK = "HTTP/1.1 200 Connection Established\r\n\r\n";
 
 /** CONNECT host:port — HTTPS and anything else the browser tunnels. */
 export function makeConnectHandler(ctx: HandlerContext) {
@@ -26,8 +28,15 @@ export function makeConnectHandler(ctx: HandlerContext) {
       refuse(new NatproxyError("PROXY_AUTH_REQUIRED"), { "Proxy-Authenticate": PROXY_AUTH_CHALLENGE });
       return;
     }
+    // A CONNECT that max_pending would refuse gets its 429 the normal way.
+    const t = ctx.tunnels;
+    if (ctx.optimisticConnect() && t.paths.current() === "outbound" && t.opening.count < t.maxPending) {
+      socket.write(CONNECT_OK);
+      spliceOptimistic(ctx, socket, target, client, head);
+      return;
+    }
     spliceThroughTunnel(ctx, socket, target, client, (t) => {
-      socket.write("HTTP/1.1 200 Connection Established\r\n\r\n");
+      socket.write(CONNECT_OK);
       // Bytes the browser sent right after its CONNECT head (often the TLS
       // ClientHello) go first, before piping takes over.
       if (head.length) t.socket.write(head);

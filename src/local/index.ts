@@ -102,7 +102,7 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
     sockets,
   };
   const agent = new TunnelAgent(tunnels, log, config.pool_idle_timeout);
-  const ctx: HandlerContext = { authorize: makeProxyAuth(config.users), tunnels, agent, sockets, log, bridgeTimeouts: { idle: config.session_idle_timeout, fin: config.fin_timeout } };
+  const ctx: HandlerContext = { authorize: makeProxyAuth(config.users), tunnels, agent, sockets, log, bridgeTimeouts: { idle: config.session_idle_timeout, fin: config.fin_timeout }, optimisticConnect: () => config.optimistic_connect && outbound.size > 0 };
   const server = http.createServer({
     maxHeaderSize: config.max_header_size,
     // A browser that opens a connection and sends no complete head is dropped.

@@ -2,6 +2,7 @@ import type tls from "node:tls";
 import type { HostPort } from "../address.ts";
 import { NatproxyError } from "../errors.ts";
 import { encodeOpen } from "../wire.ts";
+import type { EarlyBytes } from "./early-bytes.ts";
 import { readResult, type OutboundDialer, type OutboundTunnel } from "./outbound.ts";
 
 interface Ready {
@@ -49,15 +50,18 @@ export class OutboundPool {
     return this.#ready.length;
   }
 
-  async open(session: string, target: HostPort, signal?: AbortSignal): Promise<OutboundTunnel> {
+  async open(session: string, target: HostPort, signal?: AbortSignal, early?: EarlyBytes): Promise<OutboundTunnel> {
     const ready = this.#take();
     this.#fill();
-    if (!ready) return this.#dialer.open(session, target, signal);
+    if (!ready) return this.#dialer.open(session, target, signal, early);
     return new Promise((resolve, reject) => {
       let settled = false;
       let fresh: "idle" | "running" = "idle";
+      // The winner stays attached to `early` until the caller stops it, so no
+      // browser byte can fall between the Result and the bridge.
       const win = (t: OutboundTunnel) => {
         if (settled) {
+          early?.detach(t.socket);
           t.socket.destroy();
           return;
         }
@@ -67,6 +71,7 @@ export class OutboundPool {
       };
       const lose = (err: unknown) => {
         if (settled) return;
+        early?.detach(ready.socket);
         settled = true;
         clearTimeout(hedge);
         ready.socket.destroy();
@@ -75,8 +80,9 @@ export class OutboundPool {
       const startFresh = () => {
         if (settled || fresh !== "idle") return;
         fresh = "running";
-        this.#dialer.open(session, target, signal).then(
+        this.#dialer.open(session, target, signal, early).then(
           (t) => {
+            early?.detach(ready.socket);
             ready.socket.destroy();
             win(t);
           },
@@ -91,6 +97,7 @@ export class OutboundPool {
       signal?.addEventListener("abort", onAbort, { once: true });
       const open = encodeOpen({ session, target });
       ready.socket.write(open);
+      early?.attach(ready.socket);
       readResult(ready.socket).then(
         ({ msg }) => {
           signal?.removeEventListener("abort", onAbort);
@@ -99,6 +106,7 @@ export class OutboundPool {
         },
         (err: unknown) => {
           signal?.removeEventListener("abort", onAbort);
+          early?.detach(ready.socket);
           // The target's own answer (refused, forbidden...) is the answer;
           // a dead pooled connection is not: dial afresh at once.
           if (err instanceof NatproxyError) return lose(err);

@@ -5,6 +5,7 @@ import { NatproxyError, isErrorCode } from "../errors.ts";
 import { handshakeError, tlsClientOptions, verifyPeer, type Trust } from "../tls/trust.ts";
 import { encodeOpen, readFramed, readMessage, resultOf, type OpenResult, type WireMessage } from "../wire.ts";
 import { responseError } from "./coordinator-client.ts";
+import type { EarlyBytes } from "./early-bytes.ts";
 
 const TUNNEL_PROTOCOL = "natproxy-tunnel/1";
 // A 101 head is tiny; an error answer is a short JSON document.
@@ -43,8 +44,9 @@ export class OutboundDialer {
     this.#opts = opts;
   }
 
-  open(session: string, target: HostPort, signal?: AbortSignal): Promise<OutboundTunnel> {
-    return this.#dial({ session, target }, signal);
+  /** With `early`, the browser's first bytes follow the Open at once, before the Result (an optimistic CONNECT). */
+  open(session: string, target: HostPort, signal?: AbortSignal, early?: EarlyBytes): Promise<OutboundTunnel> {
+    return this.#dial({ session, target }, signal, early);
   }
 
   /** Upgrades a connection and closes it again: proves token, certificate and path without dialling a target. */
@@ -58,7 +60,7 @@ export class OutboundDialer {
     return this.#dial(undefined);
   }
 
-  #dial(open: { session: string; target: HostPort } | undefined, signal?: AbortSignal): Promise<OutboundTunnel> {
+  #dial(open: { session: string; target: HostPort } | undefined, signal?: AbortSignal, early?: EarlyBytes): Promise<OutboundTunnel> {
     const { url, token, trust, timeout } = this.#opts;
     const port = Number(url.port || 443);
     return new Promise((resolve, reject) => {
@@ -85,6 +87,7 @@ export class OutboundDialer {
       const fail = (err: Error) => {
         if (done) return;
         finish();
+        early?.detach(socket);
         socket.destroy();
         reject(err);
       };
@@ -103,6 +106,7 @@ export class OutboundDialer {
           `GET /v1/tunnel HTTP/1.1\r\nHost: ${url.host}\r\nAuthorization: Bearer ${token}\r\n` + `Connection: Upgrade\r\nUpgrade: ${TUNNEL_PROTOCOL}\r\nUser-Agent: natproxy\r\n\r\n`;
         const first = open ? Buffer.concat([Buffer.from(head, "latin1"), encodeOpen(open)]) : Buffer.from(head, "latin1");
         socket.write(first);
+        if (open) early?.attach(socket);
         readHead(socket)
           .then(async ({ status, headers, size }) => {
             if (status !== 101) {

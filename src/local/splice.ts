@@ -1,10 +1,15 @@
+import type { Socket } from "node:net";
 import type { Duplex } from "node:stream";
 import { formatHostPort, type HostPort } from "../address.ts";
 import { bridge, bridgeOutcome } from "../bridge.ts";
 import { formatSession } from "../request-log.ts";
 import type { HandlerContext } from "./context.ts";
+import { EarlyBytes } from "./early-bytes.ts";
 import { toProxyError, writeRawError } from "./respond.ts";
 import { openTunnel, type Tunnel } from "./tunnels.ts";
+
+// A TLS ClientHello is a few KiB at most; a browser then waits for the server.
+const EARLY_LIMIT = 64 * 1024;
 
 /**
  * Opens a tunnel for a browser socket that has left HTTP (CONNECT, Upgrade),
@@ -12,6 +17,21 @@ import { openTunnel, type Tunnel } from "./tunnels.ts";
  * the session log line. A failure is answered on the socket with its status.
  */
 export function spliceThroughTunnel(ctx: HandlerContext, socket: Duplex, target: HostPort, client: string, first: (t: Tunnel) => number): void {
+  splice(ctx, socket, target, client, { first });
+}
+
+/**
+ * An optimistic CONNECT: the `200` has already gone to the browser, and what
+ * it sends next (its ClientHello) rides with the Open instead of waiting for
+ * the Result, which saves the browser one round trip to the coordinator. The
+ * price: a target that cannot be reached can only be shown as a connection
+ * reset, not as an error status; the request log still names the reason.
+ */
+export function spliceOptimistic(ctx: HandlerContext, socket: Duplex, target: HostPort, client: string, head: Buffer): void {
+  splice(ctx, socket, target, client, { early: new EarlyBytes(socket, EARLY_LIMIT, head) });
+}
+
+function splice(ctx: HandlerContext, socket: Duplex, target: HostPort, client: string, how: { first?: (t: Tunnel) => number; early?: EarlyBytes }): void {
   const name = formatHostPort(target.host, target.port);
   const started = performance.now();
   const gone = new AbortController();
@@ -19,15 +39,17 @@ export function spliceThroughTunnel(ctx: HandlerContext, socket: Duplex, target:
   socket.once("close", onGone);
   const log = (session: string, outcome: string, up: number, down: number, detail?: string, path = ctx.tunnels.paths.current()) =>
     ctx.log.info(formatSession({ session, client, target: name, path, outcome, up, down, ms: Math.round(performance.now() - started), detail }));
-  openTunnel(ctx.tunnels, target, gone.signal).then(
+  const { early } = how;
+  openTunnel(ctx.tunnels, target, gone.signal, early).then(
     (t) => {
       socket.off("close", onGone);
+      early?.stop();
       if (socket.destroyed) {
         t.socket.destroy();
         log(t.session, "browser-gone", 0, 0, undefined, t.path);
         return;
       }
-      const preUp = first(t);
+      const preUp = early ? early.size : (how.first?.(t) ?? 0);
       void bridge(socket, t.socket, ctx.bridgeTimeouts).then((s) => {
         log(t.session, bridgeOutcome(s, "browser", "tunnel"), s.aToB + preUp, s.bToA, s.error?.err.message, t.path);
       });
@@ -36,7 +58,13 @@ export function spliceThroughTunnel(ctx: HandlerContext, socket: Duplex, target:
       socket.off("close", onGone);
       const e = toProxyError(err);
       log("-", e.code, 0, 0, e.message);
-      writeRawError(socket, e);
+      if (!early) return writeRawError(socket, e);
+      early.stop();
+      // The 200 is out: a reset is the one signal left that says "failed"
+      // rather than "the server closed the connection".
+      const s = socket as Partial<Socket> & Duplex;
+      if (typeof s.resetAndDestroy === "function" && !socket.destroyed) s.resetAndDestroy();
+      else socket.destroy();
     },
   );
 }

@@ -9,6 +9,7 @@ import { formatSession } from "../request-log.ts";
 import type { SocketRegistry } from "../sockets.ts";
 import type { CoordinatorClient } from "./coordinator-client.ts";
 import type { SessionTable } from "./sessions.ts";
+import type { EarlyBytes } from "./early-bytes.ts";
 import { readResult, type OutboundDialer } from "./outbound.ts";
 import { isConnectBackFailure, type PathChooser, type TunnelPath } from "./path.ts";
 import type { TunnelState } from "./tunnel-service.ts";
@@ -48,7 +49,7 @@ export interface TunnelOpenerOptions {
  * mapping costs the browser a moment, not a timeout. A connect-back that
  * fails, or loses that race, switches later sessions to outbound at once.
  */
-export async function openTunnel(opts: TunnelOpenerOptions, target: HostPort, signal?: AbortSignal): Promise<Tunnel> {
+export async function openTunnel(opts: TunnelOpenerOptions, target: HostPort, signal?: AbortSignal, early?: EarlyBytes): Promise<Tunnel> {
   // A flood of browser connections (or a stuck coordinator) must not pile up
   // sockets and session-table entries without bound.
   if (opts.opening.count >= opts.maxPending) {
@@ -57,7 +58,9 @@ export async function openTunnel(opts: TunnelOpenerOptions, target: HostPort, si
   opts.opening.count++;
   try {
     const started = performance.now();
-    if (opts.paths.current() !== "connect-back") return await openOutbound(opts, target, started, signal);
+    // Early bytes exist only after an optimistic 200, which is given only on
+    // the outbound path: a connect-back has nowhere to send them before it is up.
+    if (early || opts.paths.current() !== "connect-back") return await openOutbound(opts, target, started, signal, early);
     if (opts.paths.mode !== "auto") return await openConnectBack(opts, target, started, signal);
     return await openHedged(opts, target, started, signal);
   } finally {
@@ -65,9 +68,9 @@ export async function openTunnel(opts: TunnelOpenerOptions, target: HostPort, si
   }
 }
 
-async function openOutbound(opts: TunnelOpenerOptions, target: HostPort, started: number, signal?: AbortSignal): Promise<Tunnel> {
+async function openOutbound(opts: TunnelOpenerOptions, target: HostPort, started: number, signal?: AbortSignal, early?: EarlyBytes): Promise<Tunnel> {
   const session = uuidv4();
-  const t = await opts.outbound.open(session, target, signal);
+  const t = await opts.outbound.open(session, target, signal, early);
   opts.sockets.add(t.socket);
   return { socket: t.socket, session, started, path: "outbound", overhead: t.overhead, sentOverhead: t.sentOverhead };
 }
