@@ -1,11 +1,7 @@
 #!/usr/bin/env node
 import { cac } from "cac";
 import { ConfigError, loadConfig, type ConfigInput, type ResolvedConfig, type Role } from "./config.ts";
-import { startCoordinator } from "./coordinator/index.ts";
-import { checkLocal } from "./local/check.ts";
-import { startLocal } from "./local/index.ts";
 import { LOG_LEVELS, log, setLogLevel, type LogLevel } from "./log.ts";
-import { startReporter } from "./reporter.ts";
 import { VERSION } from "./version.ts";
 
 // The only module that exits the process or handles signals: roles return a
@@ -56,8 +52,13 @@ function reporterOverrides(f: Flags): ConfigInput {
   return { ...common(f), reporter: { listen: str(f.listen), nat_keep_alive_interval: num(f.keepAliveInterval) } };
 }
 
+// Each role loads only its own modules: a coordinator never pays for the
+// local proxy's HTTP client, nor a local proxy for certificate generation
+// (in the bundle, esbuild evaluates a dynamically imported module on first use).
 async function startRole(role: Role, cfg: ResolvedConfig): Promise<Running[]> {
+  const { startReporter } = await import("./reporter.ts");
   if (role === "local") {
+    const { startLocal } = await import("./local/index.ts");
     const l = await startLocal(cfg.local);
     return [{ name: "local proxy", close: (o) => l.close(o) }];
   }
@@ -65,6 +66,7 @@ async function startRole(role: Role, cfg: ResolvedConfig): Promise<Running[]> {
     const r = await startReporter(cfg.reporter);
     return [{ name: "reporter", close: () => r.close() }];
   }
+  const { startCoordinator } = await import("./coordinator/index.ts");
   const running: Running[] = [];
   try {
     const c = await startCoordinator(cfg.coordinator);
@@ -89,6 +91,7 @@ async function run(role: Role, flags: Flags, overrides: ConfigInput): Promise<vo
     // The report is the output; the workflow's own log lines stay on stderr
     // and only when something is wrong.
     if (flags.logLevel === undefined) setLogLevel("error");
+    const { checkLocal } = await import("./local/check.ts");
     const report = await checkLocal(cfg.local);
     process.stdout.write(`${report.lines.join("\n")}\n`);
     process.exit(report.ok ? 0 : 1);

@@ -1,7 +1,6 @@
 import { X509Certificate, createPrivateKey } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { hostname } from "node:os";
-import selfsigned from "selfsigned";
 
 export interface KeyPair {
   key: string;
@@ -102,6 +101,8 @@ export async function generateCertificate(opts: GenerateOptions = {}): Promise<K
   const extensions: object[] = opts.isCa
     ? [{ name: "basicConstraints", cA: true, critical: true }, { name: "keyUsage", keyCertSign: true, cRLSign: true, digitalSignature: true, critical: true }]
     : [{ name: "basicConstraints", cA: false }, { name: "keyUsage", digitalSignature: true, critical: true }, { name: "extKeyUsage", serverAuth: true }, { name: "subjectAltName", altNames }];
+  // Loaded here, not at start-up: most coordinators have a certificate.
+  const { default: selfsigned } = await import("selfsigned");
   const pems = await selfsigned.generate([{ name: "commonName", value: cn }], {
     keyType: "ec",
     curve: "P-256",
