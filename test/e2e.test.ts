@@ -152,21 +152,17 @@ describe(`end to end on loopback (${path} path): reporter, coordinator and local
   });
 
   /**
-   * A CONNECT whose target fails. On the outbound path with a ready
-   * connection the 200 went out before the coordinator's answer (optimistic
+   * A CONNECT whose target fails, with a ready connection waiting on the
+   * path: the 200 went out before the coordinator's answer (optimistic
    * CONNECT), so the failure can only be a reset; the request log still says
-   * why. Otherwise the browser gets the status.
+   * why. (The statuses are tested with optimistic_connect = false below.)
    */
-  async function failingConnect(authority: string, status: number, code: string): Promise<void> {
+  async function failingConnect(authority: string, code: string): Promise<void> {
     const logs = captureLogs("local");
     try {
-      if (path === "outbound") await waitUntil(() => stack.local.outboundPool.size > 0, 3000, "a ready outbound connection");
+      const pool = path === "outbound" ? stack.local.outboundPool : stack.local.connectBackPool;
+      await waitUntil(() => pool.size > 0, 3000, `a ready ${path} connection`);
       const c = await connectThrough(stack.proxyPort, authority);
-      if (path === "connect-back") {
-        assert.equal(c.status, status);
-        assert.equal(c.headers["x-natproxy-error"], code);
-        return;
-      }
       assert.equal(c.status, 200, "optimistic: the 200 does not wait for the target");
       const received: Buffer[] = [];
       c.socket.on("data", (d: Buffer) => received.push(d));
@@ -183,16 +179,16 @@ describe(`end to end on loopback (${path} path): reporter, coordinator and local
     }
   }
 
-  test("a target that refuses gives 502 with the reason (a reset after an optimistic 200), for CONNECT and plain HTTP", async () => {
+  test("a target that refuses: CONNECT gets a reset after its optimistic 200, with the reason in the log; plain HTTP gets 502", async () => {
     const port = await closedPort();
-    await failingConnect(`127.0.0.1:${port}`, 502, "TARGET_REFUSED");
+    await failingConnect(`127.0.0.1:${port}`, "TARGET_REFUSED");
     const p = await proxiedRequest(stack.proxyPort, `http://127.0.0.1:${port}/`);
     assert.equal(p.status, 502);
     assert.match(p.body.toString(), /TARGET_REFUSED/);
   });
 
-  test("an unresolvable host name gives 502 DNS_FAILED (a reset after an optimistic 200)", async () => {
-    await failingConnect("no-such-host.invalid:443", 502, "DNS_FAILED");
+  test("an unresolvable host name: a reset after the optimistic 200, DNS_FAILED in the log", async () => {
+    await failingConnect("no-such-host.invalid:443", "DNS_FAILED");
   });
 
   test("malformed requests get 400, not a crash", async () => {
@@ -269,6 +265,26 @@ describe(`failures the browser must see as real statuses (${path} path)`, () => 
     } finally {
       silent.close();
       await local.close();
+      await stack.close();
+    }
+  });
+
+  test("optimistic_connect = false: with a ready connection waiting, a refused target is 502 TARGET_REFUSED and an unknown name 502 DNS_FAILED", async () => {
+    const stack = await startStack({ local: { tunnel: path, optimistic_connect: false } });
+    try {
+      const warm = await connectThrough(stack.proxyPort, `127.0.0.1:${web.port}`);
+      assert.equal(warm.status, 200);
+      warm.socket.destroy();
+      const pool = path === "outbound" ? stack.local.outboundPool : stack.local.connectBackPool;
+      await waitUntil(() => pool.size > 0, 3000, `a ready ${path} connection`);
+      const refused = await connectThrough(stack.proxyPort, `127.0.0.1:${await closedPort()}`);
+      assert.equal(refused.status, 502);
+      assert.equal(refused.headers["x-natproxy-error"], "TARGET_REFUSED");
+      assert.match(refused.body, /refused/);
+      const dns = await connectThrough(stack.proxyPort, "no-such-host.invalid:443");
+      assert.equal(dns.status, 502);
+      assert.equal(dns.headers["x-natproxy-error"], "DNS_FAILED");
+    } finally {
       await stack.close();
     }
   });

@@ -71,12 +71,12 @@ for (const path of ["connect-back", "outbound"] as const) {
     }
 
     /**
-     * A CONNECT whose target fails: its status, or on the outbound path with a
-     * ready connection (optimistic CONNECT) a 200 and then a reset, no byte.
+     * A CONNECT whose target fails: its status, or with a ready connection
+     * waiting (optimistic CONNECT) a 200 and then a reset, no byte.
      */
     async function failed(outcome: Outcome, c: Awaited<ReturnType<typeof connectThrough>>, status: number): Promise<string | undefined> {
       if (c.status === status) return undefined;
-      if (c.status !== 200 || path !== "outbound") return `${outcome}: ${c.status}`;
+      if (c.status !== 200) return `${outcome}: ${c.status}`;
       let bytes = 0;
       c.socket.on("data", (d: Buffer) => (bytes += d.length));
       const err = await new Promise<string | undefined>((resolve) => {

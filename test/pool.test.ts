@@ -7,13 +7,14 @@ import type { Local } from "../src/local/index.ts";
 import { connectThrough } from "./helpers/client.ts";
 import { captureLogs } from "./helpers/logs.ts";
 import { testPki, type TestPki } from "./helpers/pki.ts";
-import { startLocalFor, startTestCoordinator } from "./helpers/stack.ts";
+import { startLocalFor, startStack, startTestCoordinator } from "./helpers/stack.ts";
 import { closedPort, startHttpTarget, type Target } from "./helpers/targets.ts";
 import { waitUntil } from "./helpers/wait.ts";
 
-// The outbound path's pool of ready (TLS'd, authenticated, upgraded)
-// connections: used when there, refilled on demand, gone when idle, and never
-// a trap when a pooled connection died without a word.
+// The pools of ready connections: outbound ones (TLS'd, authenticated,
+// upgraded) and connect-backs opened ahead of need. Used when there, refilled
+// on demand, gone when idle, and never a trap when a pooled connection died
+// without a word.
 
 /** A TCP relay to the coordinator whose existing connections can be frozen (a NAT that forgot them). */
 async function startRelay(to: number): Promise<{ port: number; freeze(): void; close(): void }> {
@@ -187,5 +188,25 @@ test("optimistic_connect = false: a warm pool still waits for the target, and a 
     assert.equal(c.headers["x-natproxy-error"], "TARGET_REFUSED");
   } finally {
     await l.close();
+  }
+});
+
+test("connect-back: ready connect-backs opened ahead of need carry later tunnels (an Open, no API call), with exact byte counts", async () => {
+  const logs = captureLogs("local");
+  const stack = await startStack({ local: { tunnel: "connect-back", pool_size: 3 } });
+  const l = stack.local;
+  try {
+    assert.match(await fetchThrough(l, "/cb-f"), /^HTTP\/1\.1 200/);
+    await waitUntil(() => l.connectBackPool.size === 3, 3000, "three ready connect-backs");
+    for (let i = 0; i < 3; i++) assert.match(await fetchThrough(l, `/cb-${i}`), /"url":"\/cb-\d"/);
+    assert.equal(l.connectBackPool.hits, 3);
+    assert.equal(l.outboundPool.hits, 0, "all on the connect-back path");
+    await waitUntil(() => logs.sessions().length >= 4, 3000, "four session lines");
+    assert.ok(logs.sessions().every((s) => s.includes("path=connect-back")), logs.sessions().join("\n"));
+    const sizes = logs.sessions().map((line) => /up=(\d+) down=(\d+)/.exec(line)?.slice(1).join("/"));
+    assert.equal(new Set(sizes).size, 1, sizes.join(" "));
+  } finally {
+    logs.restore();
+    await stack.close();
   }
 });

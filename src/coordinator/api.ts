@@ -6,12 +6,13 @@ import { NatproxyError } from "../errors.ts";
 import type { CallerOf } from "../proxy-header.ts";
 import { VERSION } from "../version.ts";
 import { isSessionId } from "../wire.ts";
-import type { ProbeRequest, SessionRequest } from "./session.ts";
+import type { ProbeRequest, ReadyRequest, SessionRequest } from "./session.ts";
 
 export const API = {
   hello: "/v1/hello",
   sessions: "/v1/sessions",
   probe: "/v1/probe",
+  ready: "/v1/ready",
   /** Only as an HTTP Upgrade (outbound.ts). */
   tunnel: "/v1/tunnel",
 } as const;
@@ -25,6 +26,7 @@ export interface ApiContext {
   callerOf: CallerOf;
   openSession(req: SessionRequest): Promise<{ targetAddress: string }>;
   probe(req: ProbeRequest): Promise<{ ms: number }>;
+  ready(req: ReadyRequest): Promise<{ ms: number }>;
   log: ConsolaInstance;
 }
 
@@ -49,7 +51,7 @@ async function handle(ctx: ApiContext, req: IncomingMessage, res: ServerResponse
     res.setHeader("WWW-Authenticate", 'Bearer realm="natproxy"');
     throw new NatproxyError("UNAUTHORIZED");
   }
-  const route = path === API.hello || path === API.sessions || path === API.probe || path === API.tunnel ? path : undefined;
+  const route = path === API.hello || path === API.sessions || path === API.probe || path === API.ready || path === API.tunnel ? path : undefined;
   if (!route) throw new NatproxyError("NOT_FOUND", `${req.method} ${path}`);
   if (route === API.hello) {
     if (req.method !== "GET") throw methodNotAllowed(res, "GET");
@@ -69,6 +71,13 @@ async function handle(ctx: ApiContext, req: IncomingMessage, res: ServerResponse
     checkConnectBack(ctx, probe.reply.host, probe.client.host);
     const { ms } = await ctx.probe({ probe: probe.probe, reply: probe.reply, client: formatHostPort(probe.client.host, probe.client.port) });
     sendJson(res, 200, { probe: probe.probe, outcome: "connected", ms });
+    return;
+  }
+  if (route === API.ready) {
+    const r = validateReady(body, ctx.callerOf(req.socket));
+    checkConnectBack(ctx, r.reply.host, r.client.host);
+    const { ms } = await ctx.ready({ token, ready: r.ready, reply: r.reply, client: formatHostPort(r.client.host, r.client.port) });
+    sendJson(res, 200, { ready: r.ready, outcome: "connected", ms });
     return;
   }
   const sessionReq = validateSession(body, ctx.callerOf(req.socket));
@@ -137,12 +146,23 @@ function validateSession(body: unknown, client: HostPort): { session: string; ta
 }
 
 function validateProbe(body: unknown, client: HostPort): { probe: string; reply: HostPort; client: HostPort } {
+  const { id, reply } = validateConnectBack(body, "probe");
+  return { probe: id, reply, client };
+}
+
+function validateReady(body: unknown, client: HostPort): { ready: string; reply: HostPort; client: HostPort } {
+  const { id, reply } = validateConnectBack(body, "ready");
+  return { ready: id, reply, client };
+}
+
+/** `{ <idKey>: uuid, reply: { host: ip, port } }`: a connect-back that carries only its id. */
+function validateConnectBack(body: unknown, idKey: "probe" | "ready"): { id: string; reply: HostPort } {
   const problems: string[] = [];
   const b = (typeof body === "object" && body !== null ? body : {}) as Record<string, unknown>;
-  if (!isSessionId(b.probe)) problems.push("probe: expected a UUID v4");
+  if (!isSessionId(b[idKey])) problems.push(`${idKey}: expected a UUID v4`);
   const reply = checkHostPort(b.reply, "reply", problems, true);
   if (problems.length) throw new NatproxyError("BAD_REQUEST", problems.join("; "));
-  return { probe: b.probe as string, reply: { host: unmapIPv4(reply.host), port: reply.port }, client };
+  return { id: b[idKey] as string, reply: { host: unmapIPv4(reply.host), port: reply.port } };
 }
 
 /** Checks `{ host, port }` from a request; every problem goes into `problems`, named `name.host` / `name.port`. */

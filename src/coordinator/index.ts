@@ -4,17 +4,18 @@ import type { Duplex } from "node:stream";
 import tls from "node:tls";
 import { formatHostPort } from "../address.ts";
 import type { CoordinatorConfig } from "../config.ts";
+import { NatproxyError } from "../errors.ts";
 import { roleLogger } from "../log.ts";
 import { closeServer, deadlineCheckInterval, listen } from "../listen.ts";
 import { directCaller, requireProxyHeader } from "../proxy-header.ts";
 import { SocketRegistry } from "../sockets.ts";
 import { createTargetPolicy } from "../target-policy.ts";
 import { generateCertificate, loadKeyPair, type KeyPair } from "../tls/certs.ts";
-import { apiHandler } from "./api.ts";
+import { apiHandler, sendJson } from "./api.ts";
 import { makeTokenCheck } from "./auth.ts";
 import { SessionLimits } from "./limits.ts";
-import { upgradeHandler } from "./outbound.ts";
-import { openSession, probeConnectBack } from "./session.ts";
+import { awaitOpen, upgradeHandler, type OutboundContext } from "./outbound.ts";
+import { openReady, openSession, probeConnectBack } from "./session.ts";
 
 export interface Coordinator {
   addresses: AddressInfo[];
@@ -65,6 +66,19 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
   const callerOf = config.proxy_protocol ? requireProxyHeader(server, { timeout: config.handshake_timeout, log }) : directCaller;
   const checkToken = makeTokenCheck(config.tokens);
   const waiting = new Set<Duplex>();
+  const tunnelCtx: OutboundContext = {
+    checkToken,
+    callerOf,
+    policy: sessionCtx.policy,
+    limits: sessionCtx.limits,
+    waiting,
+    connectTimeout: config.connect_timeout,
+    openTimeout: config.keep_alive_timeout,
+    idleTimeout: config.session_idle_timeout,
+    finTimeout: config.fin_timeout,
+    sockets,
+    log,
+  };
   server.on(
     "request",
     apiHandler({
@@ -73,25 +87,20 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
       callerOf,
       openSession: (req) => openSession(req, sessionCtx),
       probe: (req) => probeConnectBack(req, sessionCtx),
+      ready: (req) => openReady(req, sessionCtx, (back) => awaitOpen(tunnelCtx, back, req.token, req.client, "connect-back")),
       log,
     }),
   );
-  server.on(
-    "upgrade",
-    upgradeHandler({
-      checkToken,
-      callerOf,
-      policy: sessionCtx.policy,
-      limits: sessionCtx.limits,
-      waiting,
-      connectTimeout: config.connect_timeout,
-      openTimeout: config.keep_alive_timeout,
-      idleTimeout: config.session_idle_timeout,
-      finTimeout: config.fin_timeout,
-      sockets,
-      log,
-    }),
-  );
+  server.on("upgrade", upgradeHandler(tunnelCtx));
+  // An Expect other than 100-continue: Node would answer 417 before anything
+  // checked the token; an unauthenticated peer gets nothing but 401.
+  server.on("checkExpectation", (req, res) => {
+    req.resume();
+    const anonymous = checkToken(req.headers.authorization) === undefined;
+    if (anonymous) res.setHeader("WWW-Authenticate", 'Bearer realm="natproxy"');
+    const e = anonymous ? new NatproxyError("UNAUTHORIZED") : Object.assign(new NatproxyError("BAD_REQUEST", "only Expect: 100-continue is understood"), { status: 417 });
+    sendJson(res, e.status, { error: { code: e.code, message: e.message } });
+  });
   server.on("connection", (socket) => sockets.add(socket));
   server.on("tlsClientError", (err: NodeJS.ErrnoException, socket) => {
     const caller = callerOf(socket);

@@ -63,54 +63,63 @@ export function upgradeHandler(ctx: OutboundContext) {
     }
     socket.write(`HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: ${TUNNEL_PROTOCOL}\r\n\r\n`);
     if (head.length) socket.unshift(head);
-    (socket as Socket).setTimeout(ctx.openTimeout, () => socket.destroy());
-    ctx.waiting.add(socket);
-    const notWaiting = () => ctx.waiting.delete(socket);
-    socket.once("close", notWaiting);
-    readMessage(socket).then(
-      (msg) => {
-        notWaiting();
-        socket.off("close", notWaiting);
-        let open: OpenRequest;
-        try {
-          open = openOf(msg);
-        } catch (err) {
-          return fail(new NatproxyError("BAD_REQUEST", (err as Error).message));
-        }
-        const problems: string[] = [];
-        if (!isSessionId(open.session)) problems.push("session: expected a UUID v4");
-        checkHostPort(open.target, "target", problems, false);
-        if (problems.length) return fail(new NatproxyError("BAD_REQUEST", problems.join("; ")));
-        let release: () => void;
-        try {
-          release = ctx.limits.acquire(token);
-        } catch (err) {
-          ctx.log.warn(`outbound tunnel from ${client} refused: ${(err as Error).message}`);
-          return fail(err as NatproxyError);
-        }
-        void serve(ctx, socket, open, client).finally(release);
-      },
-      (err: Error) => {
-        ctx.log.debug(`outbound tunnel from ${client}: ${err.message}`);
-        socket.destroy();
-      },
-    );
-
-    function fail(e: NatproxyError): void {
-      ctx.log.info(formatSession({ session: "-", client, target: "?", path: "outbound", outcome: e.code, up: 0, down: 0, ms: 0, detail: e.message }));
-      closeWith(socket, encodeResult({ code: e.code, message: e.message }));
-    }
+    awaitOpen(ctx, socket, token, client, "outbound");
   };
 }
 
-async function serve(ctx: OutboundContext, socket: Duplex, open: OpenRequest, client: string): Promise<void> {
+/**
+ * A connection that is ready for a tunnel (upgraded, or a ready connect-back)
+ * waits for its Open message, within openTimeout and holding no session slot
+ * until it arrives; then the target is dialled and the connection bridged.
+ */
+export function awaitOpen(ctx: OutboundContext, socket: Duplex, token: number, client: string, path: "outbound" | "connect-back"): void {
+  (socket as Socket).setTimeout(ctx.openTimeout, () => socket.destroy());
+  ctx.waiting.add(socket);
+  const notWaiting = () => ctx.waiting.delete(socket);
+  socket.once("close", notWaiting);
+  readMessage(socket).then(
+    (msg) => {
+      notWaiting();
+      socket.off("close", notWaiting);
+      let open: OpenRequest;
+      try {
+        open = openOf(msg);
+      } catch (err) {
+        return fail(new NatproxyError("BAD_REQUEST", (err as Error).message));
+      }
+      const problems: string[] = [];
+      if (!isSessionId(open.session)) problems.push("session: expected a UUID v4");
+      checkHostPort(open.target, "target", problems, false);
+      if (problems.length) return fail(new NatproxyError("BAD_REQUEST", problems.join("; ")));
+      let release: () => void;
+      try {
+        release = ctx.limits.acquire(token);
+      } catch (err) {
+        ctx.log.warn(`${path} tunnel from ${client} refused: ${(err as Error).message}`);
+        return fail(err as NatproxyError);
+      }
+      void serve(ctx, socket, open, client, path).finally(release);
+    },
+    (err: Error) => {
+      ctx.log.debug(`${path} tunnel from ${client}: ${err.message}`);
+      socket.destroy();
+    },
+  );
+
+  function fail(e: NatproxyError): void {
+    ctx.log.info(formatSession({ session: "-", client, target: "?", path, outcome: e.code, up: 0, down: 0, ms: 0, detail: e.message }));
+    closeWith(socket, encodeResult({ code: e.code, message: e.message }));
+  }
+}
+
+async function serve(ctx: OutboundContext, socket: Duplex, open: OpenRequest, client: string, path: "outbound" | "connect-back"): Promise<void> {
   const started = performance.now();
   const target = formatHostPort(open.target.host, open.target.port);
   const gone = new AbortController();
   const onGone = () => gone.abort(new NatproxyError("BAD_REQUEST", "the local proxy went away"));
   socket.once("close", onGone);
   const record = (outcome: string, up: number, down: number, detail?: string) =>
-    ctx.log.info(formatSession({ session: open.session, client, target, path: "outbound", outcome, up, down, ms: Math.round(performance.now() - started), detail }));
+    ctx.log.info(formatSession({ session: open.session, client, target, path, outcome, up, down, ms: Math.round(performance.now() - started), detail }));
   let targetSocket;
   try {
     targetSocket = await dialTarget(open.target, ctx.connectTimeout, ctx.policy, gone.signal);

@@ -13,9 +13,9 @@ export interface HandlerContext {
   log: ConsolaInstance;
   bridgeTimeouts: BridgeTimeouts;
   /**
-   * [local] optimistic_connect, and a ready outbound connection waiting: that
-   * connection has proved token, certificate and path, so only the target's
-   * own failure is left to be shown as a reset instead of a status.
+   * [local] optimistic_connect, and a ready connection waiting on the current
+   * path: that connection has proved token, certificate and path, so only
+   * the target's own failure is left to be shown as a reset, not a status.
    */
   optimisticConnect(): boolean;
 }

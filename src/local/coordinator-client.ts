@@ -51,6 +51,8 @@ export interface CoordinatorClient {
   openSession(body: { session: string; target: HostPort; reply: HostPort }, signal: AbortSignal): Promise<void>;
   /** Asks for one connect-back carrying `probe` (the start-up reachability check). */
   probe(body: { probe: string; reply: HostPort }, signal: AbortSignal): Promise<void>;
+  /** Asks for one connect-back carrying `ready` that then waits for an Open (a ReadyPool's connection). */
+  ready(body: { ready: string; reply: HostPort }, signal: AbortSignal): Promise<void>;
   /** Destroys pooled idle connections (after a NAT lost its state, they are dead). */
   dropIdleConnections(): void;
   close(): void;
@@ -88,6 +90,9 @@ export function makeCoordinatorClient(opts: { url: URL; token: string; trust: Tr
     },
     probe: async (body, signal) => {
       await call("post", "/v1/probe", body, signal);
+    },
+    ready: async (body, signal) => {
+      await call("post", "/v1/ready", body, signal);
     },
     dropIdleConnections: () => {
       destroyIdleSockets(agent);

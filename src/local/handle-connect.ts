@@ -30,7 +30,7 @@ export function makeConnectHandler(ctx: HandlerContext) {
     }
     // A CONNECT that max_pending would refuse gets its 429 the normal way.
     const t = ctx.tunnels;
-    if (ctx.optimisticConnect() && t.paths.current() === "outbound" && t.opening.count < t.maxPending) {
+    if (ctx.optimisticConnect() && t.opening.count < t.maxPending) {
       socket.write(CONNECT_OK);
       spliceOptimistic(ctx, socket, target, client, head);
       return;

@@ -12,8 +12,9 @@ import { makeConnectHandler } from "./handle-connect.ts";
 import { makeRequestHandler } from "./handle-request.ts";
 import { makeUpgradeHandler } from "./handle-upgrade.ts";
 import { makeProxyAuth } from "./proxy-auth.ts";
-import { OutboundPool } from "./outbound-pool.ts";
-import { PathChooser, describeReachability, probeConnectBack, resolveHost, type Reachability, type TunnelPath } from "./path.ts";
+import { ConnectBackDialer } from "./connect-back.ts";
+import { ReadyPool } from "./ready-pool.ts";
+import { PathChooser, describeReachability, isConnectBackFailure, probeConnectBack, resolveHost, type Reachability, type TunnelPath } from "./path.ts";
 import { TunnelService, type TunnelState } from "./tunnel-service.ts";
 import { TunnelAgent } from "./tunnels.ts";
 import { localParts } from "./wiring.ts";
@@ -32,7 +33,9 @@ export interface Local {
   /** Browser connections waiting for a tunnel, on either path. */
   openingTunnels(): number;
   /** The outbound path's pool of ready connections. */
-  outboundPool: OutboundPool;
+  outboundPool: ReadyPool;
+  /** The connect-back path's pool of connect-backs opened ahead of need. */
+  connectBackPool: ReadyPool;
   liveSockets(): number;
   tunnelService: TunnelService;
   /**
@@ -52,7 +55,16 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
   log.info(`coordinator ${config.coordinatorUrl.origin}, trusting ${describeTrust(trust)}`);
   const tunnelService = new TunnelService({ config, trust, sessions, sockets, log });
 
-  const outbound = new OutboundPool(dialer, { size: config.pool_size, maxAge: config.pool_idle_timeout, grace: config.connect_back_grace });
+  const poolOptions = { size: config.pool_size, maxAge: config.pool_idle_timeout, grace: config.connect_back_grace };
+  const outbound = new ReadyPool(dialer, poolOptions);
+  const connectBack = new ReadyPool(new ConnectBackDialer({ sessions, coordinator, tunnelState: () => tunnelService.state, connectTimeout: config.connect_timeout, sockets }), {
+    ...poolOptions,
+    // Ready connect-backs keep working through a NAT or firewall that has
+    // stopped letting new ones in; a refill that fails is the first to know.
+    onFillError: (err) => {
+      if (isConnectBackFailure(err)) paths.connectBackFailed(err);
+    },
+  });
   const paths = new PathChooser(config.tunnel, config.coordinatorUrl.origin, log);
 
   const checking = coordinator.hello(config.connect_timeout).then(
@@ -77,6 +89,8 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
     // swallow the next requests until TCP gave up on them, minutes later.
     coordinator.dropIdleConnections();
     outbound.flush();
+    // Ready connect-backs went to the old public address, through the old mapping.
+    connectBack.flush();
   });
   // An auto proxy on the outbound path keeps asking whether connect-back
   // works again (a NAT or firewall that opened up, a coordinator briefly out
@@ -94,7 +108,7 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
   if (config.tunnel === "outbound") log.info(paths.describe());
   else if (!tunnelService.state && config.tunnel === "auto") log.info(`tunnel path: outbound until the reporter answers (no public address yet)`);
 
-  const tunnels = { sessions, coordinator, outbound, paths, tunnelState: () => tunnelService.state, connectTimeout: config.connect_timeout,
+  const tunnels = { outbound, connectBack, paths,
     // A connect-back takes a few round trips; the probe measured them.
     connectBackGrace: () => Math.max(config.connect_back_grace, 4 * (paths.reachability?.probe.ms ?? 0)),
     opening: { count: 0 },
@@ -102,7 +116,7 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
     sockets,
   };
   const agent = new TunnelAgent(tunnels, log, config.pool_idle_timeout);
-  const ctx: HandlerContext = { authorize: makeProxyAuth(config.users), tunnels, agent, sockets, log, bridgeTimeouts: { idle: config.session_idle_timeout, fin: config.fin_timeout }, optimisticConnect: () => config.optimistic_connect && outbound.size > 0 };
+  const ctx: HandlerContext = { authorize: makeProxyAuth(config.users), tunnels, agent, sockets, log, bridgeTimeouts: { idle: config.session_idle_timeout, fin: config.fin_timeout }, optimisticConnect: () => config.optimistic_connect && (paths.current() === "outbound" ? outbound : connectBack).size > 0 };
   const server = http.createServer({
     maxHeaderSize: config.max_header_size,
     // A browser that opens a connection and sends no complete head is dropped.
@@ -129,6 +143,7 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
   const stopWork = async () => {
     clearInterval(reprobe);
     outbound.close();
+    connectBack.close();
     sessions.failAll(new NatproxyError("SHUTTING_DOWN"));
     await tunnelService.close();
   };
@@ -156,6 +171,7 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
     pendingSessions: () => sessions.size,
     openingTunnels: () => tunnels.opening.count,
     outboundPool: outbound,
+    connectBackPool: connectBack,
     liveSockets: () => sockets.size,
     tunnelService,
     close(opts = {}) {

@@ -7,13 +7,9 @@ import { formatHostPort, type HostPort } from "../address.ts";
 import { NatproxyError } from "../errors.ts";
 import { formatSession } from "../request-log.ts";
 import type { SocketRegistry } from "../sockets.ts";
-import type { CoordinatorClient } from "./coordinator-client.ts";
-import type { SessionTable } from "./sessions.ts";
 import type { EarlyBytes } from "./early-bytes.ts";
-import { readResult, type OutboundDialer } from "./outbound.ts";
 import { isConnectBackFailure, type PathChooser, type TunnelPath } from "./path.ts";
-import type { TunnelState } from "./tunnel-service.ts";
-import { HEADER_SIZE, SESSION_MESSAGE_SIZE } from "../wire.ts";
+import type { ReadyDialer } from "./ready-pool.ts";
 
 export interface Tunnel {
   socket: TLSSocket;
@@ -27,13 +23,11 @@ export interface Tunnel {
 }
 
 export interface TunnelOpenerOptions {
-  sessions: SessionTable;
-  coordinator: CoordinatorClient;
   /** The outbound path: the pool of ready connections, or a plain dialer. */
-  outbound: Pick<OutboundDialer, "open">;
+  outbound: Pick<ReadyDialer, "open">;
+  /** The connect-back path: the pool of ready connect-backs, or a plain ConnectBackDialer. */
+  connectBack: Pick<ReadyDialer, "open">;
   paths: PathChooser;
-  tunnelState: () => TunnelState | undefined;
-  connectTimeout: number;
   /** With `auto`: how long a connect-back may take before the outbound path is tried beside it. */
   connectBackGrace: () => number;
   /** Tunnels being opened right now, and how many may be at once. */
@@ -58,11 +52,9 @@ export async function openTunnel(opts: TunnelOpenerOptions, target: HostPort, si
   opts.opening.count++;
   try {
     const started = performance.now();
-    // Early bytes exist only after an optimistic 200, which is given only on
-    // the outbound path: a connect-back has nowhere to send them before it is up.
-    if (early || opts.paths.current() !== "connect-back") return await openOutbound(opts, target, started, signal, early);
-    if (opts.paths.mode !== "auto") return await openConnectBack(opts, target, started, signal);
-    return await openHedged(opts, target, started, signal);
+    if (opts.paths.current() !== "connect-back") return await openOutbound(opts, target, started, signal, early);
+    if (opts.paths.mode !== "auto") return await openConnectBack(opts, target, started, signal, early);
+    return await openHedged(opts, target, started, signal, early);
   } finally {
     opts.opening.count--;
   }
@@ -75,7 +67,7 @@ async function openOutbound(opts: TunnelOpenerOptions, target: HostPort, started
   return { socket: t.socket, session, started, path: "outbound", overhead: t.overhead, sentOverhead: t.sentOverhead };
 }
 
-function openHedged(opts: TunnelOpenerOptions, target: HostPort, started: number, signal?: AbortSignal): Promise<Tunnel> {
+function openHedged(opts: TunnelOpenerOptions, target: HostPort, started: number, signal?: AbortSignal, early?: EarlyBytes): Promise<Tunnel> {
   return new Promise((resolve, reject) => {
     const cancelBack = new AbortController();
     const cancelOut = new AbortController();
@@ -100,7 +92,7 @@ function openHedged(opts: TunnelOpenerOptions, target: HostPort, started: number
     const startOutbound = () => {
       if (settled || outState !== "idle") return;
       outState = "running";
-      openOutbound(opts, target, started, either(cancelOut)).then(
+      openOutbound(opts, target, started, either(cancelOut), early).then(
         (t) => {
           // Outbound first while the connect-back still has not come: from
           // here on connect-back is suspect; the next probe decides again.
@@ -117,7 +109,7 @@ function openHedged(opts: TunnelOpenerOptions, target: HostPort, started: number
       );
     };
     const timer = setTimeout(startOutbound, grace);
-    openConnectBack(opts, target, started, either(cancelBack)).then(
+    openConnectBack(opts, target, started, either(cancelBack), early).then(
       (t) => settle(undefined, t),
       (err: NatproxyError) => {
         backError = err;
@@ -134,61 +126,11 @@ function openHedged(opts: TunnelOpenerOptions, target: HostPort, started: number
   });
 }
 
-/**
- * The specification's normal workflow for one session: a fresh id in the
- * table, the request to the coordinator, then wait for its connect-back
- * carrying that id. The first of "connect-back arrived", "the coordinator
- * answered with an error" and "connect_timeout passed" decides; once the
- * connect-back is here, its Result message says whether the target answered.
- */
-async function openConnectBack(opts: TunnelOpenerOptions, target: HostPort, started: number, signal?: AbortSignal): Promise<Tunnel> {
-  const state = opts.tunnelState();
-  if (!state) throw new NatproxyError("TUNNEL_NOT_READY");
+/** A connect-back tunnel: a ready one from the pool, or one asked for this session. */
+async function openConnectBack(opts: TunnelOpenerOptions, target: HostPort, started: number, signal?: AbortSignal, early?: EarlyBytes): Promise<Tunnel> {
   const session = uuidv4();
-  const arrival = opts.sessions.expect(session, opts.connectTimeout);
-  const abort = new AbortController();
-  const onCallerAbort = () => opts.sessions.fail(session, new NatproxyError("BAD_REQUEST", "the browser went away"));
-  signal?.addEventListener("abort", onCallerAbort, { once: true });
-  opts.coordinator.openSession({ session, target, reply: state.publicAddress }, abort.signal).catch((err: Error) => opts.sessions.fail(session, err));
-  let socket: TLSSocket;
-  try {
-    socket = await arrival;
-  } catch (err) {
-    // Ends the API call if it is still waiting (timeout or browser gone). On
-    // success it is left to finish: aborting it would cost the API's
-    // keep-alive connection.
-    abort.abort(err);
-    throw err;
-  } finally {
-    signal?.removeEventListener("abort", onCallerAbort);
-  }
-  opts.sockets.add(socket);
-  const result = await awaitResult(socket, opts.connectTimeout, target, signal);
-  return { socket, session, started, path: "connect-back", overhead: SESSION_MESSAGE_SIZE + result.size, sentOverhead: 0 };
-}
-
-/** The coordinator's word on the target, which follows the session id on a connect-back. */
-async function awaitResult(socket: TLSSocket, timeout: number, target: HostPort, signal?: AbortSignal): Promise<{ size: number }> {
-  let timedOut = false;
-  const timer = setTimeout(() => {
-    timedOut = true;
-    socket.destroy();
-  }, timeout);
-  const onAbort = () => socket.destroy();
-  signal?.addEventListener("abort", onAbort, { once: true });
-  try {
-    const { msg } = await readResult(socket);
-    return { size: HEADER_SIZE + msg.payload.length };
-  } catch (err) {
-    socket.destroy();
-    if (timedOut) throw new NatproxyError("TARGET_TIMEOUT", `${formatHostPort(target.host, target.port)}: the coordinator had no answer from it within ${timeout} ms`);
-    if (err instanceof NatproxyError) throw err;
-    if (signal?.aborted) throw new NatproxyError("BAD_REQUEST", "the browser went away");
-    throw new NatproxyError("COORDINATOR_REFUSED", `connect-back: ${(err as Error).message}`);
-  } finally {
-    clearTimeout(timer);
-    signal?.removeEventListener("abort", onAbort);
-  }
+  const t = await opts.connectBack.open(session, target, signal, early);
+  return { socket: t.socket, session, started, path: "connect-back", overhead: t.overhead, sentOverhead: t.sentOverhead };
 }
 
 /**

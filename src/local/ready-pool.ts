@@ -3,12 +3,20 @@ import type { HostPort } from "../address.ts";
 import { NatproxyError } from "../errors.ts";
 import { encodeOpen } from "../wire.ts";
 import type { EarlyBytes } from "./early-bytes.ts";
-import { readResult, type OutboundDialer, type OutboundTunnel } from "./outbound.ts";
+import { readResult, type OutboundTunnel } from "./outbound.ts";
+
+/** How a pool gets its connections: outbound (OutboundDialer) or connect-back (ConnectBackDialer). */
+export interface ReadyDialer {
+  /** A connection that waits for an Open message. */
+  upgrade(): Promise<OutboundTunnel>;
+  /** A tunnel for one session, made from scratch (the pool's fallback). */
+  open(session: string, target: HostPort, signal?: AbortSignal, early?: EarlyBytes): Promise<OutboundTunnel>;
+}
 
 interface Ready {
   socket: tls.TLSSocket;
   born: number;
-  /** Cleartext bytes of the Upgrade exchange, for the session's byte counts. */
+  /** Cleartext bytes of the Upgrade exchange (or the connect-back's id), for the session's byte counts. */
   headSent: number;
   headRead: number;
   timer: NodeJS.Timeout;
@@ -22,18 +30,22 @@ export interface PoolOptions {
   maxAge: number;
   /** A pooled connection whose Result is this late gets a fresh dial beside it. */
   grace: number;
+  /** A connection that could not be made ready (for connect-backs: a sign the path stopped working). */
+  onFillError?: (err: unknown) => void;
 }
 
 /**
- * A few outbound connections, already TLS'd, authenticated and upgraded, kept
- * ready so that a browser connection costs one round trip (Open -> Result)
- * instead of TCP + TLS + Upgrade. Filled on demand: an idle proxy holds
- * nothing for long. A pooled connection may have died silently (a NAT that
+ * A few tunnel connections kept ready, waiting for an Open: outbound ones
+ * already TLS'd, authenticated and upgraded, or connect-backs the coordinator
+ * opened ahead of need. A browser connection then costs one round trip
+ * (Open -> Result) instead of TCP + TLS + Upgrade, or instead of an API call,
+ * the coordinator's TCP connect and a TLS handshake through the NAT. Filled
+ * on demand: an idle proxy holds nothing for long. A pooled connection may have died silently (a NAT that
  * forgot it): if its Result is late, a fresh dial runs beside it and the
  * first tunnel up wins.
  */
-export class OutboundPool {
-  readonly #dialer: OutboundDialer;
+export class ReadyPool {
+  readonly #dialer: ReadyDialer;
   readonly #opts: PoolOptions;
   readonly #ready: Ready[] = [];
   #filling = 0;
@@ -41,7 +53,7 @@ export class OutboundPool {
   /** Tunnels served from the pool (for tests and diagnostics). */
   hits = 0;
 
-  constructor(dialer: OutboundDialer, opts: PoolOptions) {
+  constructor(dialer: ReadyDialer, opts: PoolOptions) {
     this.#dialer = dialer;
     this.#opts = opts;
   }
@@ -170,7 +182,10 @@ export class OutboundPool {
         },
         // A failed fill is not retried here: the next browser connection
         // dials afresh anyway, and tries to fill again.
-        () => this.#filling--,
+        (err: unknown) => {
+          this.#filling--;
+          if (!this.#closed) this.#opts.onFillError?.(err);
+        },
       );
     }
   }
