@@ -1,7 +1,9 @@
 import assert from "node:assert/strict";
+import { once } from "node:events";
 import https from "node:https";
 import type { AddressInfo } from "node:net";
 import { after, before, describe, test } from "node:test";
+import tls from "node:tls";
 import { resolveConfig } from "../src/config.ts";
 import type { Coordinator } from "../src/coordinator/index.ts";
 import type { Local } from "../src/local/index.ts";
@@ -100,6 +102,35 @@ describe("local proxy pending limit", () => {
       await local.close();
       silent.closeAllConnections();
       silent.close();
+    }
+  });
+});
+
+describe("ready connections waiting for their Open", () => {
+  test("count against the token's limit: one more gets 429 before any 101, and a closed one frees its place", async () => {
+    const coordinator = await startTestCoordinator(pki, { max_sessions_per_token: 2 });
+    const opened: tls.TLSSocket[] = [];
+    /** An upgraded connection that never sends its Open; resolves with the answer's status line. */
+    const upgrade = async (): Promise<string> => {
+      const s = tls.connect({ host: "127.0.0.1", port: coordinator.addresses[0].port, ca: [pki.ca.cert], servername: "localhost" });
+      s.on("error", () => {});
+      opened.push(s);
+      await once(s, "secureConnect");
+      s.write(`GET /v1/tunnel HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer ${TOKEN}\r\nConnection: Upgrade\r\nUpgrade: natproxy-tunnel/1\r\n\r\n`);
+      const [first] = (await once(s, "data")) as [Buffer];
+      return first.toString("latin1").split("\r\n")[0] + (first.includes("TOO_MANY") ? " TOO_MANY" : "");
+    };
+    try {
+      assert.match(await upgrade(), / 101 /);
+      assert.match(await upgrade(), / 101 /);
+      const third = await upgrade();
+      assert.match(third, / 429 .*TOO_MANY/);
+      opened[0]?.destroy();
+      await waitUntil(() => coordinator.liveSockets() <= 2, 3000, "the first ready connection gone");
+      assert.match(await upgrade(), / 101 /);
+    } finally {
+      for (const s of opened) s.destroy();
+      await coordinator.close();
     }
   });
 });

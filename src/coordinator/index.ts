@@ -71,6 +71,9 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
     callerOf,
     policy: sessionCtx.policy,
     limits: sessionCtx.limits,
+    // As many ready connections may wait as tunnels may run: a token cannot
+    // hold more descriptors idle than it could use.
+    readyLimits: new SessionLimits(config.max_sessions, config.max_sessions_per_token, "ready connections waiting"),
     waiting,
     connectTimeout: config.connect_timeout,
     openTimeout: config.keep_alive_timeout,
@@ -87,7 +90,13 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
       callerOf,
       openSession: (req) => openSession(req, sessionCtx),
       probe: (req) => probeConnectBack(req, sessionCtx),
-      ready: (req) => openReady(req, sessionCtx, (back) => awaitOpen(tunnelCtx, back, req.token, req.client, "connect-back")),
+      ready: (req) => {
+        const release = tunnelCtx.readyLimits.acquire(req.token);
+        return openReady(req, sessionCtx, (back) => awaitOpen(tunnelCtx, back, req.token, req.client, "connect-back", release)).catch((err: unknown) => {
+          release();
+          throw err;
+        });
+      },
       log,
     }),
   );

@@ -4,17 +4,21 @@ import { NatproxyError } from "../errors.ts";
  * Concurrent tunnels, in all and per token, over both paths. A slot is taken
  * before anything is dialled and given back exactly once, however the tunnel
  * ends, so one token (or one leaked credential) cannot take the whole box.
+ * The same counting, with its own instance, bounds the ready connections
+ * (upgraded, or connect-backs opened ahead of need) waiting for an Open.
  */
 export class SessionLimits {
   readonly #max: number;
   readonly #perToken: number;
+  readonly #what: string;
   readonly #byToken = new Map<number, number>();
   #total = 0;
   #started = 0;
 
-  constructor(max: number, perToken: number) {
+  constructor(max: number, perToken: number, what = "tunnels") {
     this.#max = max;
     this.#perToken = perToken;
+    this.#what = what;
   }
 
   get active(): number {
@@ -29,8 +33,8 @@ export class SessionLimits {
   /** A release function, or a TOO_MANY error that says which limit was hit. */
   acquire(token: number): () => void {
     const mine = this.#byToken.get(token) ?? 0;
-    if (this.#total >= this.#max) throw new NatproxyError("TOO_MANY", `the coordinator carries its limit of ${this.#max} tunnels ([coordinator] max_sessions)`);
-    if (mine >= this.#perToken) throw new NatproxyError("TOO_MANY", `this token has its limit of ${this.#perToken} tunnels open ([coordinator] max_sessions_per_token)`);
+    if (this.#total >= this.#max) throw new NatproxyError("TOO_MANY", `the coordinator carries its limit of ${this.#max} ${this.#what} ([coordinator] max_sessions)`);
+    if (mine >= this.#perToken) throw new NatproxyError("TOO_MANY", `this token has its limit of ${this.#perToken} ${this.#what} open ([coordinator] max_sessions_per_token)`);
     this.#total++;
     this.#started++;
     this.#byToken.set(token, mine + 1);

@@ -23,6 +23,8 @@ export interface OutboundContext {
   callerOf: CallerOf;
   policy: TargetPolicy;
   limits: SessionLimits;
+  /** Connections waiting for their Open, in all and per token. */
+  readyLimits: SessionLimits;
   connectTimeout: number;
   /** How long an upgraded connection may wait for its Open message. */
   openTimeout: number;
@@ -61,9 +63,19 @@ export function upgradeHandler(ctx: OutboundContext) {
       refuse(socket, new NatproxyError("BAD_REQUEST", `expected Upgrade: ${TUNNEL_PROTOCOL}`));
       return;
     }
+    // A connection kept ready (no Open yet) holds a place among the ready
+    // ones; one whose Open came in the same flight goes straight to the
+    // session limits.
+    let ready: () => void = () => {};
+    try {
+      if (head.length === 0) ready = ctx.readyLimits.acquire(token);
+    } catch (err) {
+      refuse(socket, err as NatproxyError);
+      return;
+    }
     socket.write(`HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: ${TUNNEL_PROTOCOL}\r\n\r\n`);
     if (head.length) socket.unshift(head);
-    awaitOpen(ctx, socket, token, client, "outbound");
+    awaitOpen(ctx, socket, token, client, "outbound", ready);
   };
 }
 
@@ -72,10 +84,13 @@ export function upgradeHandler(ctx: OutboundContext) {
  * waits for its Open message, within openTimeout and holding no session slot
  * until it arrives; then the target is dialled and the connection bridged.
  */
-export function awaitOpen(ctx: OutboundContext, socket: Duplex, token: number, client: string, path: "outbound" | "connect-back"): void {
+export function awaitOpen(ctx: OutboundContext, socket: Duplex, token: number, client: string, path: "outbound" | "connect-back", releaseReady: () => void): void {
   (socket as Socket).setTimeout(ctx.openTimeout, () => socket.destroy());
   ctx.waiting.add(socket);
-  const notWaiting = () => ctx.waiting.delete(socket);
+  const notWaiting = () => {
+    ctx.waiting.delete(socket);
+    releaseReady();
+  };
   socket.once("close", notWaiting);
   readMessage(socket).then(
     (msg) => {
