@@ -21,7 +21,7 @@ import { writePki } from "../test/helpers/pki.ts";
 import type { ClientJob } from "./bench/client.ts";
 import { CONTENDERS, SkipContender, loopbackPlacement, type BenchEnv, type Contender, type RunningContender } from "./bench/contenders.ts";
 import { LAB_NAT, LAB_ONE_WAY_DELAY_MS, LAB_SERVER_IPS, runDelayPhase, type DelayResult } from "./bench/delay.ts";
-import { cpuSeconds, hwmKb, killAllChildrenNow, refuseNewChildren, resetPeakRss, rssKb, sampleRss, setWatchdog, startChild, stopAllChildren, stopChild, type Child } from "./bench/procs.ts";
+import { cpuSeconds, guardRun, hwmKb, resetPeakRss, rssKb, sampleRss, setWatchdog, startChild, stopAllChildren, stopChild, type Child } from "./bench/procs.ts";
 import { renderSvg, renderTable, type Cell, type MetricDef, type Table } from "./bench/report.ts";
 import { curlGet, runClient, startTarget, type CurlResult } from "./bench/runner.ts";
 import { ensureBinary, ensurePackages } from "./bench/setup.ts";
@@ -93,47 +93,15 @@ const opts = {
 
 // ---------------------------------------------------------------- cleanup
 
-let tmp: string | undefined;
-function cleanupSync(): void {
-  killAllChildrenNow();
-  if (tmp) rmSync(tmp, { recursive: true, force: true });
-  tmp = undefined;
-}
-process.on("exit", cleanupSync);
-let interrupted = false;
-for (const sig of ["SIGINT", "SIGTERM", "SIGHUP"] as const) {
-  process.on(sig, () => {
-    if (interrupted) process.exit(130);
-    interrupted = true;
-    refuseNewChildren();
-    log(`${sig}: stopping every child process and exiting`);
-    void stopAllChildren().finally(() => {
-      cleanupSync();
-      process.exit(130);
-    });
-    setTimeout(() => process.exit(130), 4000).unref();
-  });
-}
-process.on("uncaughtException", (err) => {
-  if (interrupted) return; // the signal handler is already ending the run
-  process.stderr.write(`bench: FAILED: ${err.stack ?? err.message}\n`);
-  cleanupSync();
-  process.exit(1);
-});
-process.on("unhandledRejection", (err) => {
-  if (interrupted) return;
-  process.stderr.write(`bench: FAILED: ${(err as Error)?.stack ?? String(err)}\n`);
-  cleanupSync();
-  process.exit(1);
-});
+const guard = guardRun("bench", log);
 
 // ---------------------------------------------------------------- setup
 
 log(`natproxy bench${quick ? " --quick" : ""}${opts.delay ? "" : " --no-delay"}: ${opts.rounds} rounds, budget ${opts.budgetS} s + ${opts.delay ? opts.delayExtraS : 0} s (NAT lab)`);
 ensurePackages(log);
 const { bin: builtBin, note: buildNote } = ensureBinary(ROOT, args.rebuild, log);
-tmp = mkdtempSync(join(tmpdir(), "natproxy-bench-"));
-const home = tmp;
+const home = mkdtempSync(join(tmpdir(), "natproxy-bench-"));
+guard.setTmp(home);
 // A private copy: a build running meanwhile (npm test rebuilds dist/natproxy)
 // must not swap or remove the binary under a running bench.
 const natproxyBin = join(home, "natproxy");
@@ -203,7 +171,7 @@ async function bringUp(e: Entry): Promise<void> {
  * restarted, at most MAX_RESTARTS times.
  */
 async function alive(e: Entry, when: string): Promise<boolean> {
-  if (!e.run || interrupted) return false;
+  if (!e.run || guard.interrupted) return false;
   const dead = e.run.children.filter((c) => !c.isRunning());
   if (dead.length === 0) return true;
   for (const c of dead) {
@@ -308,7 +276,7 @@ const cpuOf = (e: Entry): number | null => (e.def.name === "direct" ? null : cpu
 const round3 = (xs: number[] | undefined): number[] | undefined => xs?.map((x) => Math.round(x * 1000) / 1000);
 
 let longestRoundS = 0;
-for (let r = 0; r < opts.rounds && !interrupted; r++) {
+for (let r = 0; r < opts.rounds && !guard.interrupted; r++) {
   // A round is started only if it fits, with time left to write the results.
   if (r > 0 && elapsedS() + longestRoundS * 1.1 + 3 > loopBudgetS) {
     runNotes.push(`stopped after ${r} of ${opts.rounds} rounds: the next would not fit in the time budget`);
@@ -332,7 +300,7 @@ for (let r = 0; r < opts.rounds && !interrupted; r++) {
   // 1 + 5: bulk downloads, with the proxies' CPU time around each.
   const each = async (what: string, fn: (e: Entry) => Promise<void>): Promise<void> => {
     for (const e of order) {
-      if (interrupted) return;
+      if (guard.interrupted) return;
       if (late(`${what} ${e.def.name}`)) continue;
       if (!(await alive(e, `before ${what}, round ${r + 1}`))) continue;
       await fn(e);
@@ -397,10 +365,10 @@ for (let r = 0; r < opts.rounds && !interrupted; r++) {
 
 let delay: DelayResult | undefined;
 const delayLeftS = (): number => opts.budgetS + opts.delayExtraS - 8 - elapsedS();
-if (opts.delay && !interrupted && delayLeftS() < opts.delayExtraS / 2) {
+if (opts.delay && !guard.interrupted && delayLeftS() < opts.delayExtraS / 2) {
   delay = { measured: false, note: `skipped: ${delayLeftS().toFixed(0)} s left of the time budget`, rttSamplesMs: [], contenders: {} };
   log(`--delay: NOT measured: ${delay.note}`);
-} else if (opts.delay && !interrupted) {
+} else if (opts.delay && !guard.interrupted) {
   try {
     delay = await runDelayPhase({
       contenders: active.map((e) => e.def),
@@ -662,5 +630,5 @@ for (const e of [...active].reverse()) await e.run?.stop();
 await stopChild(target.child);
 watchdog.proc.stdin?.end();
 await stopAllChildren();
-cleanupSync();
+guard.cleanup();
 log(`done in ${elapsedS().toFixed(1)} s`);

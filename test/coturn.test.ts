@@ -1,10 +1,10 @@
 import { test, type TestContext } from "node:test";
 import assert from "node:assert/strict";
 import { spawn, type ChildProcess } from "node:child_process";
-import { accessSync, constants, mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, rmSync } from "node:fs";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
-import { delimiter, join } from "node:path";
+import { join } from "node:path";
 import { performance } from "node:perf_hooks";
 import { setLogLevel } from "../src/log.ts";
 import { openReporterLink } from "../src/reporter-link.ts";
@@ -13,6 +13,7 @@ import { proxiedRequest } from "./helpers/client.ts";
 import { testPki } from "./helpers/pki.ts";
 import { startLocalFor, startTestCoordinator } from "./helpers/stack.ts";
 import { startHttpTarget } from "./helpers/targets.ts";
+import { findProgram } from "./helpers/programs.ts";
 
 // The link against an independent STUN server: coturn serves Binding over TCP
 // (NATLAB-NOTES Q8) and, unlike our reporter, never sends keepalives of its
@@ -23,24 +24,8 @@ setLogLevel("silent");
 const INTERVAL = 100;
 const BOUND = 10_000;
 
-function executable(path: string): boolean {
-  try {
-    accessSync(path, constants.X_OK);
-    return true;
-  } catch {
-    return false;
-  }
-}
 
-/** NATPROXY_TURNSERVER names the binary outright (a custom build, or a wrong path to check the skip). */
-function findTurnserver(): string | undefined {
-  const override = process.env.NATPROXY_TURNSERVER;
-  if (override) return executable(override) ? override : undefined;
-  const dirs = [...(process.env.PATH ?? "").split(delimiter), "/usr/bin", "/usr/sbin", "/usr/local/bin"];
-  return dirs.filter(Boolean).map((dir) => join(dir, "turnserver")).find(executable);
-}
-
-const TURNSERVER = findTurnserver();
+const TURNSERVER = findProgram("turnserver", "NATPROXY_TURNSERVER");
 const MISSING = "turnserver (Debian/Ubuntu package coturn) is not installed: apt-get install -y coturn";
 
 function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {

@@ -1,11 +1,11 @@
 import assert from "node:assert/strict";
 import { spawn, type ChildProcess } from "node:child_process";
 import { once } from "node:events";
-import { accessSync, constants, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import https from "node:https";
 import net from "node:net";
 import { tmpdir } from "node:os";
-import { delimiter, join } from "node:path";
+import { join } from "node:path";
 import tls from "node:tls";
 import { after, before, describe, test } from "node:test";
 import { Command, IPv4Address, IPv4ProxyAddress, IPv6Address, IPv6ProxyAddress, TransportProtocol, V2ProxyProtocol } from "proxy-protocol-js";
@@ -20,6 +20,7 @@ import { testPki, type TestPki } from "./helpers/pki.ts";
 import { startLocalFor, startTestCoordinator, TOKEN } from "./helpers/stack.ts";
 import { closedPort, expectedSha256, startHttpsTarget, startHttpTarget, type Target } from "./helpers/targets.ts";
 import { waitUntil } from "./helpers/wait.ts";
+import { findProgram } from "./helpers/programs.ts";
 
 // Several coordinators behind one TCP load balancer, sharing nothing: a real
 // HAProxy in TCP mode (TLS passes through it) in front of two in-process
@@ -113,23 +114,8 @@ test("[coordinator] proxy_protocol: off by default, and only a boolean", () => {
 
 // --- HAProxy -----------------------------------------------------------------
 
-function executable(path: string): boolean {
-  try {
-    accessSync(path, constants.X_OK);
-    return true;
-  } catch {
-    return false;
-  }
-}
 
-/** NATPROXY_HAPROXY names the binary outright (another build, or a wrong path to check the skip). */
-function findHaproxy(): string | undefined {
-  const override = process.env.NATPROXY_HAPROXY;
-  if (override) return executable(override) ? override : undefined;
-  return [...(process.env.PATH ?? "").split(delimiter), "/usr/sbin", "/usr/bin"].filter(Boolean).map((d) => join(d, "haproxy")).find(executable);
-}
-
-const HAPROXY = findHaproxy();
+const HAPROXY = findProgram("haproxy", "NATPROXY_HAPROXY");
 const MISSING = "haproxy (Debian package haproxy) is not installed: apt-get install -y haproxy";
 // CI installs it (.ci/run), so there a missing haproxy fails the test instead.
 const SKIP = HAPROXY === undefined && !process.env.CI ? `${MISSING}; skipped outside CI` : false;

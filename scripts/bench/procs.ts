@@ -1,7 +1,7 @@
 // Child processes of the bench (all tracked, all ended on exit) and what
 // /proc tells about them: CPU time, resident memory.
 import { spawn, spawnSync, type ChildProcess, type SpawnOptions } from "node:child_process";
-import { readdirSync, readFileSync, writeFileSync } from "node:fs";
+import { readdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import net from "node:net";
 
 export const CLK_TCK = Number(spawnSync("getconf", ["CLK_TCK"], { encoding: "utf8" }).stdout.trim()) || 100;
@@ -253,4 +253,50 @@ export async function waitForPort(port: number, child: Child | undefined, timeou
     await new Promise((r) => setTimeout(r, 50));
   }
   throw new Error(`${child?.name ?? "port"}: nothing listens on port ${port} after ${timeoutMs} ms${child ? `\n${child.log().trim()}` : ""}`);
+}
+
+/**
+ * Ends every child process and removes the run's temp dir however a bench
+ * script ends: normally (cleanup()), on a signal (a second one exits at
+ * once), or on an uncaught error (exit 1 with the stack, as `<name>: FAILED`).
+ */
+export function guardRun(name: string, log: (s: string) => void): { readonly interrupted: boolean; setTmp(dir: string): void; cleanup(): void } {
+  let tmp: string | undefined;
+  let interrupted = false;
+  const cleanup = (): void => {
+    killAllChildrenNow();
+    if (tmp) rmSync(tmp, { recursive: true, force: true });
+    tmp = undefined;
+  };
+  process.on("exit", cleanup);
+  for (const sig of ["SIGINT", "SIGTERM", "SIGHUP"] as const) {
+    process.on(sig, () => {
+      if (interrupted) process.exit(130);
+      interrupted = true;
+      refuseNewChildren();
+      log(`${sig}: stopping every child process and exiting`);
+      void stopAllChildren().finally(() => {
+        cleanup();
+        process.exit(130);
+      });
+      setTimeout(() => process.exit(130), 4000).unref();
+    });
+  }
+  for (const ev of ["uncaughtException", "unhandledRejection"] as const) {
+    process.on(ev, (err: unknown) => {
+      if (interrupted) return; // the signal handler is already ending the run
+      process.stderr.write(`${name}: FAILED: ${(err as Error)?.stack ?? String(err)}\n`);
+      cleanup();
+      process.exit(1);
+    });
+  }
+  return {
+    get interrupted() {
+      return interrupted;
+    },
+    setTmp(dir) {
+      tmp = dir;
+    },
+    cleanup,
+  };
 }

@@ -27,7 +27,7 @@ import { parseArgs } from "node:util";
 import { writePki } from "../../test/helpers/pki.ts";
 import type { ClientJob, Via } from "./client.ts";
 import { loopbackPlacement, natproxyContender, type BenchEnv, type Placement, type RunningContender } from "./contenders.ts";
-import { cpuSeconds, fdCount, hwmKb, killAllChildrenNow, pssKb, refuseNewChildren, resetPeakRss, rssKb, sampleRss, setWatchdog, startChild, stopAllChildren, stopChild, type Child } from "./procs.ts";
+import { cpuSeconds, fdCount, guardRun, hwmKb, pssKb, resetPeakRss, rssKb, sampleRss, setWatchdog, startChild, stopAllChildren, stopChild, type Child } from "./procs.ts";
 import { fmt, renderLineCharts, type LineSeries } from "./report.ts";
 import { startTarget } from "./runner.ts";
 import { ensureBinary, ensurePackages } from "./setup.ts";
@@ -104,43 +104,15 @@ const maxN = Math.max(...steps);
 
 // ---------------------------------------------------------------- cleanup
 
-let tmp: string | undefined;
-function cleanupSync(): void {
-  killAllChildrenNow();
-  if (tmp) rmSync(tmp, { recursive: true, force: true });
-  tmp = undefined;
-}
-process.on("exit", cleanupSync);
-let interrupted = false;
-for (const sig of ["SIGINT", "SIGTERM", "SIGHUP"] as const) {
-  process.on(sig, () => {
-    if (interrupted) process.exit(130);
-    interrupted = true;
-    refuseNewChildren();
-    log(`${sig}: stopping every child process and exiting`);
-    void stopAllChildren().finally(() => {
-      cleanupSync();
-      process.exit(130);
-    });
-    setTimeout(() => process.exit(130), 4000).unref();
-  });
-}
-for (const ev of ["uncaughtException", "unhandledRejection"] as const) {
-  process.on(ev, (err: unknown) => {
-    if (interrupted) return;
-    process.stderr.write(`scale: FAILED: ${(err as Error)?.stack ?? String(err)}\n`);
-    cleanupSync();
-    process.exit(1);
-  });
-}
+const guard = guardRun("scale", log);
 
 // ---------------------------------------------------------------- setup
 
 log(`natproxy scale${quick ? " --quick" : ""}: paths ${opts.paths.join(", ")}; N = ${steps.join(", ")}; window ${opts.window}; budget ${opts.budgetS} s`);
 ensurePackages(log, [["prlimit", "util-linux"]]);
 const { bin: builtBin, note: buildNote } = ensureBinary(ROOT, args.rebuild, log);
-tmp = mkdtempSync(join(tmpdir(), "natproxy-bench-scale-"));
-const home = tmp;
+const home = mkdtempSync(join(tmpdir(), "natproxy-bench-scale-"));
+guard.setTmp(home);
 // A private copy: someone may rebuild dist/natproxy while this runs.
 const natproxyBin = join(home, "natproxy");
 copyFileSync(builtBin, natproxyBin);
@@ -503,7 +475,7 @@ function slope(points: Array<[number, number]>): number | undefined {
 
 const results: PathResult[] = [];
 for (const [pi, path] of opts.paths.entries()) {
-  if (interrupted) break;
+  if (guard.interrupted) break;
   const def = natproxyContender(`natproxy-${path}`, path, localExtra, undefined, coordinatorExtra);
   const pr: PathResult = { path, describe: def.describe, started: false, steps: [], skippedForTime: [], deaths: [], stderr: {} };
   results.push(pr);
@@ -523,7 +495,7 @@ for (const [pi, path] of opts.paths.entries()) {
     let perTunnelS = 0;
     const plan = [...steps.map((n) => ({ n, repeat: 0 })), ...Array.from({ length: opts.repeat }, (_, i) => ({ n: maxN, repeat: i + 1 }))];
     for (const { n, repeat } of plan) {
-      if (interrupted) break;
+      if (guard.interrupted) break;
       const dead = run.children.filter((c) => !c.isRunning());
       if (dead.length) {
         for (const c of dead) pr.deaths.push(`${c.name} EXITED (${c.exitInfo()}) before N=${n}: ${c.log().trim().split("\n").slice(-3).join(" | ").slice(0, 600)}`);
@@ -551,7 +523,7 @@ for (const [pi, path] of opts.paths.entries()) {
     // V8 (its memory reducer) and malloc give memory back only after some idle time, if at all.
     pr.idleWatch = [];
     const watchStart = elapsedS();
-    for (let i = 0; i < 100 && !interrupted && run.children.every((c) => c.isRunning()); i++) {
+    for (let i = 0; i < 100 && !guard.interrupted && run.children.every((c) => c.isRunning()); i++) {
       const afterS = elapsedS() - watchStart;
       if (afterS > opts.idleWatchS) break;
       pr.idleWatch.push({ afterS, ...snapshot(run) });
@@ -740,5 +712,5 @@ process.stdout.write(`${lines.join("\n")}\n`);
 await stopChild(target.child);
 watchdog.proc.stdin?.end();
 await stopAllChildren();
-cleanupSync();
+guard.cleanup();
 log(`done in ${elapsedS().toFixed(1)} s`);
