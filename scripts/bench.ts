@@ -12,8 +12,8 @@
 // Everything runs on 127.0.0.1 (or in the lab's own namespaces); every child
 // process is ended on exit.
 import { spawnSync } from "node:child_process";
-import { chmodSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, rmSync, statSync, writeFileSync } from "node:fs";
-import { cpus, loadavg, tmpdir } from "node:os";
+import { existsSync, mkdirSync, rmSync, writeFileSync } from "node:fs";
+import { cpus, loadavg } from "node:os";
 import { dirname, join, relative, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
@@ -21,14 +21,13 @@ import { writePki } from "../test/helpers/pki.ts";
 import type { ClientJob } from "./bench/client.ts";
 import { CONTENDERS, SkipContender, loopbackPlacement, type BenchEnv, type Contender, type RunningContender } from "./bench/contenders.ts";
 import { LAB_NAT, LAB_ONE_WAY_DELAY_MS, LAB_SERVER_IPS, runDelayPhase, type DelayResult } from "./bench/delay.ts";
-import { cpuSeconds, guardRun, hwmKb, resetPeakRss, rssKb, sampleRss, setWatchdog, startChild, stopAllChildren, stopChild, type Child } from "./bench/procs.ts";
+import { cpuSeconds, guardRun, hwmKb, resetPeakRss, rssKb, sampleRss, stopAllChildren, stopChild, type Child } from "./bench/procs.ts";
 import { renderSvg, renderTable, type Cell, type MetricDef, type Table } from "./bench/report.ts";
 import { curlGet, runClient, startTarget, type CurlResult } from "./bench/runner.ts";
-import { ensureBinary, ensurePackages } from "./bench/setup.ts";
+import { ensurePackages, prepareRun } from "./bench/setup.ts";
 import { median, summarize } from "./bench/stats.ts";
 
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "..");
-const HERE = join(ROOT, "scripts", "bench");
 const MiB = 1024 * 1024;
 const T0 = performance.now();
 const elapsedS = (): number => (performance.now() - T0) / 1000;
@@ -99,22 +98,7 @@ const guard = guardRun("bench", log);
 
 log(`natproxy bench${quick ? " --quick" : ""}${opts.delay ? "" : " --no-delay"}: ${opts.rounds} rounds, budget ${opts.budgetS} s + ${opts.delay ? opts.delayExtraS : 0} s (NAT lab)`);
 ensurePackages(log);
-const { bin: builtBin, note: buildNote } = ensureBinary(ROOT, args.rebuild, log);
-const home = mkdtempSync(join(tmpdir(), "natproxy-bench-"));
-guard.setTmp(home);
-// A private copy: a build running meanwhile (npm test rebuilds dist/natproxy)
-// must not swap or remove the binary under a running bench.
-const natproxyBin = join(home, "natproxy");
-copyFileSync(builtBin, natproxyBin);
-chmodSync(natproxyBin, 0o755);
-const builtMtime = statSync(builtBin).mtime.toISOString();
-
-// Kills our children should this process die without cleaning up (SIGKILL).
-const watchdog = startChild("watchdog", process.execPath, [join(HERE, "watchdog.ts")]);
-setWatchdog((line) => {
-  if (watchdog.isRunning()) watchdog.proc.stdin?.write(line);
-});
-watchdog.proc.stdin?.write(`dir ${home}\n`);
+const { home, natproxyBin, origin, buildNote, release: releaseWatchdog } = prepareRun({ root: ROOT, rebuild: args.rebuild, prefix: "natproxy-bench-", guard, log });
 
 // 127.0.0.1 for loopback; the NAT lab's coordinator and web hosts for --delay.
 const pki = await writePki(home, { name: "bench", ipAddresses: ["127.0.0.1", ...LAB_SERVER_IPS] });
@@ -526,7 +510,7 @@ const version = (cmd: string, a: string[], re: RegExp): string => {
   return re.exec(`${r.stdout}${r.stderr}`)?.[0] ?? "?";
 };
 const versions = {
-  natproxy: `${spawnSync(natproxyBin, ["--version"], { encoding: "utf8" }).stdout.trim()} (copy of ${relative(ROOT, builtBin)} built ${builtMtime})`,
+  natproxy: `${spawnSync(natproxyBin, ["--version"], { encoding: "utf8" }).stdout.trim()} (${origin})`,
   squid: version("squid", ["-v"], /Version \S+/).replace("Version", "squid"),
   shadowsocks: version("ss-server", ["-h"], /shadowsocks-libev \S+/),
   curl: version("curl", ["--version"], /curl \S+/),
@@ -628,7 +612,7 @@ process.stdout.write(`${lines.join("\n")}\n`);
 
 for (const e of [...active].reverse()) await e.run?.stop();
 await stopChild(target.child);
-watchdog.proc.stdin?.end();
+releaseWatchdog();
 await stopAllChildren();
 guard.cleanup();
 log(`done in ${elapsedS().toFixed(1)} s`);

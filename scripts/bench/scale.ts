@@ -19,18 +19,18 @@
 // (chart). About 2 minutes; --quick (fewer steps and samples) under 1.
 // Everything runs on 127.0.0.1; every child process is ended on exit.
 import { spawnSync } from "node:child_process";
-import { chmodSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, statSync, writeFileSync } from "node:fs";
-import { cpus, loadavg, tmpdir } from "node:os";
+import { existsSync, mkdirSync, readdirSync, readFileSync, readlinkSync, rmSync, writeFileSync } from "node:fs";
+import { cpus, loadavg } from "node:os";
 import { join, relative, resolve } from "node:path";
 import { createInterface } from "node:readline";
 import { parseArgs } from "node:util";
 import { writePki } from "../../test/helpers/pki.ts";
 import type { ClientJob, Via } from "./client.ts";
 import { loopbackPlacement, natproxyContender, type BenchEnv, type Placement, type RunningContender } from "./contenders.ts";
-import { cpuSeconds, fdCount, guardRun, hwmKb, pssKb, resetPeakRss, rssKb, sampleRss, setWatchdog, startChild, stopAllChildren, stopChild, type Child } from "./procs.ts";
+import { cpuSeconds, fdCount, guardRun, hwmKb, pssKb, resetPeakRss, rssKb, sampleRss, startChild, stopAllChildren, stopChild, type Child } from "./procs.ts";
 import { fmt, renderLineCharts, type LineSeries } from "./report.ts";
 import { startTarget } from "./runner.ts";
-import { ensureBinary, ensurePackages } from "./setup.ts";
+import { ensurePackages, prepareRun } from "./setup.ts";
 import { median, percentile } from "./stats.ts";
 
 const ROOT = resolve(import.meta.dirname, "..", "..");
@@ -110,20 +110,7 @@ const guard = guardRun("scale", log);
 
 log(`natproxy scale${quick ? " --quick" : ""}: paths ${opts.paths.join(", ")}; N = ${steps.join(", ")}; window ${opts.window}; budget ${opts.budgetS} s`);
 ensurePackages(log, [["prlimit", "util-linux"]]);
-const { bin: builtBin, note: buildNote } = ensureBinary(ROOT, args.rebuild, log);
-const home = mkdtempSync(join(tmpdir(), "natproxy-bench-scale-"));
-guard.setTmp(home);
-// A private copy: someone may rebuild dist/natproxy while this runs.
-const natproxyBin = join(home, "natproxy");
-copyFileSync(builtBin, natproxyBin);
-chmodSync(natproxyBin, 0o755);
-const builtMtime = statSync(builtBin).mtime.toISOString();
-
-const watchdog = startChild("watchdog", process.execPath, [join(HERE, "watchdog.ts")]);
-setWatchdog((line) => {
-  if (watchdog.isRunning()) watchdog.proc.stdin?.write(line);
-});
-watchdog.proc.stdin?.write(`dir ${home}\n`);
+const { home, natproxyBin, origin, buildNote, release: releaseWatchdog } = prepareRun({ root: ROOT, rebuild: args.rebuild, prefix: "natproxy-bench-scale-", guard, log });
 
 const notes: string[] = buildNote ? [buildNote] : [];
 const raised: string[] = [];
@@ -592,7 +579,7 @@ function table(pr: PathResult): string {
 const lines: string[] = [];
 lines.push("");
 lines.push(`natproxy scale${quick ? " --quick" : ""}: ${cpus().length} CPUs (${cpus()[0]?.model.trim()}), run time ${totalS.toFixed(0)} s, 1-min load ${loadavg()[0].toFixed(1)} at the end`);
-lines.push(`natproxy ${version} (copy of ${relative(ROOT, builtBin)} built ${builtMtime}); node ${process.version}; window ${opts.window} tunnels being opened at a time; RTT sample ${opts.sample} per step`);
+lines.push(`natproxy ${version} (${origin}); node ${process.version}; window ${opts.window} tunnels being opened at a time; RTT sample ${opts.sample} per step`);
 lines.push(`raised for the run: ${raised.length ? raised.join("; ") : "nothing"}`);
 for (const pr of results) {
   lines.push("");
@@ -674,7 +661,7 @@ const json = {
     notes,
     legend,
     machine: { cpus: cpus().length, model: cpus()[0]?.model, kernel: spawnSync("uname", ["-r"], { encoding: "utf8" }).stdout.trim() },
-    versions: { natproxy: `${version} (copy of ${relative(ROOT, builtBin)} built ${builtMtime})`, node: process.version },
+    versions: { natproxy: `${version} (${origin})`, node: process.version },
   },
   paths: results,
 };
@@ -710,7 +697,7 @@ lines.push(`results: ${relative(ROOT, baseName)}.json (raw), ${pngOk ? `${relati
 process.stdout.write(`${lines.join("\n")}\n`);
 
 await stopChild(target.child);
-watchdog.proc.stdin?.end();
+releaseWatchdog();
 await stopAllChildren();
 guard.cleanup();
 log(`done in ${elapsedS().toFixed(1)} s`);

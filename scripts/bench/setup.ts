@@ -2,8 +2,10 @@
 // missing, their system services stopped and disabled: the bench runs its own
 // instances) and the natproxy binary (built when missing).
 import { spawnSync } from "node:child_process";
-import { existsSync, readdirSync, rmSync, statSync, writeFileSync } from "node:fs";
-import { join } from "node:path";
+import { chmodSync, copyFileSync, existsSync, mkdtempSync, readdirSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join, relative } from "node:path";
+import { setWatchdog, startChild } from "./procs.ts";
 
 const has = (cmd: string): boolean => spawnSync("sh", ["-c", `command -v ${cmd}`], { stdio: "ignore" }).status === 0;
 
@@ -128,4 +130,38 @@ export function ensureBinary(root: string, force: boolean, log: (s: string) => v
   const note = `the rebuild failed (exit ${r.status ?? r.signal}); measured the existing dist/natproxy, built before the latest source changes`;
   log(`${note}:\n${tail}`);
   return { bin, note };
+}
+
+export interface RunDir {
+  /** The run's temp dir: removed at exit, and by the watchdog should this process be killed outright. */
+  home: string;
+  /**
+   * A private copy of dist/natproxy: a build running meanwhile (npm test
+   * rebuilds it) must not swap or remove the binary under a running bench.
+   */
+  natproxyBin: string;
+  /** Where the copy came from, for the output: "copy of dist/natproxy built <time>". */
+  origin: string;
+  /** Why the binary was (re)built, if it was. */
+  buildNote?: string;
+  /** Lets the watchdog go once the run has stopped its children itself. */
+  release(): void;
+}
+
+/** The binary built if needed, a temp dir with a private copy of it, and a watchdog for the children. */
+export function prepareRun(opts: { root: string; rebuild: boolean; prefix: string; guard: { setTmp(dir: string): void }; log: (s: string) => void }): RunDir {
+  const { bin, note } = ensureBinary(opts.root, opts.rebuild, opts.log);
+  const home = mkdtempSync(join(tmpdir(), opts.prefix));
+  opts.guard.setTmp(home);
+  const natproxyBin = join(home, "natproxy");
+  copyFileSync(bin, natproxyBin);
+  chmodSync(natproxyBin, 0o755);
+  const origin = `copy of ${relative(opts.root, bin)} built ${statSync(bin).mtime.toISOString()}`;
+  // Kills our children should this process die without cleaning up (SIGKILL).
+  const watchdog = startChild("watchdog", process.execPath, [join(import.meta.dirname, "watchdog.ts")]);
+  setWatchdog((line) => {
+    if (watchdog.isRunning()) watchdog.proc.stdin?.write(line);
+  });
+  watchdog.proc.stdin?.write(`dir ${home}\n`);
+  return { home, natproxyBin, origin, buildNote: note, release: () => watchdog.proc.stdin?.end() };
 }

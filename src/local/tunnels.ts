@@ -52,19 +52,20 @@ export async function openTunnel(opts: TunnelOpenerOptions, target: HostPort, si
   opts.opening.count++;
   try {
     const started = performance.now();
-    if (opts.paths.current() !== "connect-back") return await openOutbound(opts, target, started, signal, early);
-    if (opts.paths.mode !== "auto") return await openConnectBack(opts, target, started, signal, early);
+    if (opts.paths.current() !== "connect-back") return await openOn("outbound", opts, target, started, signal, early);
+    if (opts.paths.mode !== "auto") return await openOn("connect-back", opts, target, started, signal, early);
     return await openHedged(opts, target, started, signal, early);
   } finally {
     opts.opening.count--;
   }
 }
 
-async function openOutbound(opts: TunnelOpenerOptions, target: HostPort, started: number, signal?: AbortSignal, early?: EarlyBytes): Promise<Tunnel> {
+/** One session's tunnel on one path: a ready connection from that path's pool, or one made for it. */
+async function openOn(path: TunnelPath, opts: TunnelOpenerOptions, target: HostPort, started: number, signal?: AbortSignal, early?: EarlyBytes): Promise<Tunnel> {
   const session = uuidv4();
-  const t = await opts.outbound.open(session, target, signal, early);
+  const t = await (path === "outbound" ? opts.outbound : opts.connectBack).open(session, target, signal, early);
   opts.sockets.add(t.socket);
-  return { socket: t.socket, session, started, path: "outbound", overhead: t.overhead, sentOverhead: t.sentOverhead };
+  return { socket: t.socket, session, started, path, overhead: t.overhead, sentOverhead: t.sentOverhead };
 }
 
 function openHedged(opts: TunnelOpenerOptions, target: HostPort, started: number, signal?: AbortSignal, early?: EarlyBytes): Promise<Tunnel> {
@@ -92,7 +93,7 @@ function openHedged(opts: TunnelOpenerOptions, target: HostPort, started: number
     const startOutbound = () => {
       if (settled || outState !== "idle") return;
       outState = "running";
-      openOutbound(opts, target, started, either(cancelOut), early).then(
+      openOn("outbound", opts, target, started, either(cancelOut), early).then(
         (t) => {
           // Outbound first while the connect-back still has not come: from
           // here on connect-back is suspect; the next probe decides again.
@@ -109,7 +110,7 @@ function openHedged(opts: TunnelOpenerOptions, target: HostPort, started: number
       );
     };
     const timer = setTimeout(startOutbound, grace);
-    openConnectBack(opts, target, started, either(cancelBack), early).then(
+    openOn("connect-back", opts, target, started, either(cancelBack), early).then(
       (t) => settle(undefined, t),
       (err: NatproxyError) => {
         backError = err;
@@ -124,13 +125,6 @@ function openHedged(opts: TunnelOpenerOptions, target: HostPort, started: number
       },
     );
   });
-}
-
-/** A connect-back tunnel: a ready one from the pool, or one asked for this session. */
-async function openConnectBack(opts: TunnelOpenerOptions, target: HostPort, started: number, signal?: AbortSignal, early?: EarlyBytes): Promise<Tunnel> {
-  const session = uuidv4();
-  const t = await opts.connectBack.open(session, target, signal, early);
-  return { socket: t.socket, session, started, path: "connect-back", overhead: t.overhead, sentOverhead: t.sentOverhead };
 }
 
 /**
