@@ -56,7 +56,7 @@ function reporterOverrides(f: Flags): ConfigInput {
 // local proxy's HTTP client, nor a local proxy for certificate generation
 // (in the bundle, esbuild evaluates a dynamically imported module on first use).
 async function startRole(role: Role, cfg: ResolvedConfig): Promise<Running[]> {
-  const { startReporter } = await import("./reporter.ts");
+  const { startReporter } = await import("./reporter/index.ts");
   if (role === "local") {
     const { startLocal } = await import("./local/index.ts");
     const l = await startLocal(cfg.local);
@@ -91,8 +91,8 @@ async function run(role: Role, flags: Flags, overrides: ConfigInput): Promise<vo
     // The report is the output; the workflow's own log lines stay on stderr
     // and only when something is wrong.
     if (flags.logLevel === undefined) setLogLevel("error");
-    const { checkLocal } = await import("./local/check.ts");
-    const report = await checkLocal(cfg.local);
+    const { runCheck } = await import("./local/check.ts");
+    const report = await runCheck(cfg.local);
     process.stdout.write(`${report.lines.join("\n")}\n`);
     process.exit(report.ok ? 0 : 1);
   }

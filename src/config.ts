@@ -2,8 +2,9 @@ import { accessSync, constants, readFileSync } from "node:fs";
 import { parse as parseToml } from "smol-toml";
 import { z } from "zod";
 import { parseHostPort, type HostPort } from "./address.ts";
+import type { ErrorCode } from "./errors.ts";
 import { LOG_LEVELS } from "./log.ts";
-import { parseTargetRules } from "./target-policy.ts";
+import { parseTargetRules } from "./coordinator/target-policy.ts";
 
 // Typed config with defaults filled in, then validation that reports every
 // problem at once (file, key, what is expected), so a user fixes the file in
@@ -105,7 +106,7 @@ export type ReporterConfig = Config["reporter"];
 export type ConfigInput = z.input<typeof fileSchema>;
 
 export class ConfigError extends Error {
-  readonly code = "CONFIG_INVALID";
+  readonly code: ErrorCode = "CONFIG_INVALID";
   readonly problems: string[];
   constructor(source: string, problems: string[]) {
     super(`${source}: invalid configuration\n${problems.map((p) => `  - ${p}`).join("\n")}`);
@@ -166,8 +167,8 @@ export function resolveConfig(raw: unknown, role: Role | "any", source = "config
     throw new ConfigError(source, problems);
   }
   const cfg = parsed.data;
-  const local = checkLocal(cfg.local, role === "local", problems);
-  if (role === "coordinator") checkCoordinator(cfg.coordinator, problems);
+  const local = validateLocal(cfg.local, role === "local", problems);
+  if (role === "coordinator") validateCoordinator(cfg.coordinator, problems);
   if (problems.length > 0) throw new ConfigError(source, problems);
   return { log_level: cfg.log_level, shutdown_timeout: cfg.shutdown_timeout, local, coordinator: cfg.coordinator, reporter: cfg.reporter };
 }
@@ -228,7 +229,7 @@ function valueAt(raw: unknown, path: PropertyKey[]): unknown {
 
 const FINGERPRINT = /^sha256:(?:[0-9a-f]{64}|(?:[0-9a-f]{2}:){31}[0-9a-f]{2})$/i;
 
-function checkLocal(local: Config["local"], required: boolean, problems: string[]): LocalConfig {
+function validateLocal(local: Config["local"], required: boolean, problems: string[]): LocalConfig {
   let coordinatorUrl = new URL("https://invalid.invalid/");
   if (local.coordinator === "") {
     if (required) problems.push('local.coordinator: required, e.g. "https://coord.example:8443"');
@@ -276,7 +277,7 @@ function coordinatorHost(url: URL): string {
   return h.startsWith("[") && h.endsWith("]") ? h.slice(1, -1) : h;
 }
 
-function checkCoordinator(c: CoordinatorConfig, problems: string[]): void {
+function validateCoordinator(c: CoordinatorConfig, problems: string[]): void {
   if (c.tokens.length === 0) problems.push("coordinator.tokens: at least one token is required; the coordinator never runs open (generate one with: openssl rand -hex 32)");
   c.tokens.forEach((t, i) => {
     if (t.length < 16) problems.push(`coordinator.tokens[${i}]: a token needs at least 16 characters, got ${t.length}`);

@@ -1,8 +1,13 @@
-// Every failure that crosses a module boundary is a NatproxyError with a stable
-// `code`. The HTTP status is what the browser (or the API client) is answered with.
+// Every failure that crosses a module boundary carries a stable `code` from
+// this one table: a NatproxyError, or one of the codec errors (WireError,
+// ProxyHeaderError, ConfigError) that keep their own class because callers
+// tell them apart from a peer's answer. The HTTP status is what the browser
+// (or the API client) is answered with.
 export const ERRORS = {
   CONFIG_INVALID: { status: 500, text: "invalid configuration" },
   BAD_REQUEST: { status: 400, text: "bad request" },
+  METHOD_NOT_ALLOWED: { status: 405, text: "method not allowed" },
+  EXPECTATION_FAILED: { status: 417, text: "expectation failed" },
   PROXY_AUTH_REQUIRED: { status: 407, text: "proxy authentication required" },
   UNAUTHORIZED: { status: 401, text: "missing or invalid token" },
   FORBIDDEN: { status: 403, text: "forbidden" },
@@ -24,6 +29,14 @@ export const ERRORS = {
   REPORTER_UNREACHABLE: { status: 503, text: "reporter unreachable" },
   REPORTER_PROTOCOL: { status: 502, text: "reporter spoke something that is not STUN" },
   SHUTTING_DOWN: { status: 503, text: "shutting down" },
+  /** The peer that asked (a browser, a local proxy) closed its connection; nobody is left to answer. */
+  CLIENT_GONE: { status: 400, text: "the client went away" },
+  /** An attempt stopped because another attempt for the same connection won (a hedge). */
+  CANCELLED: { status: 503, text: "attempt cancelled" },
+  /** A natproxy wire message that cannot be decoded (WireError). */
+  WIRE_PROTOCOL: { status: 502, text: "natproxy wire protocol violated" },
+  /** A connection behind a load balancer without a valid PROXY protocol header (ProxyHeaderError). */
+  PROXY_HEADER: { status: 400, text: "bad PROXY protocol header" },
   INTERNAL: { status: 500, text: "internal error" },
 } as const;
 

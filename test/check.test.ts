@@ -7,7 +7,7 @@ import { after, before, describe, test } from "node:test";
 import { fileURLToPath } from "node:url";
 import { resolveConfig } from "../src/config.ts";
 import { startCoordinator, type Coordinator } from "../src/coordinator/index.ts";
-import { startReporter, type ReporterHandle } from "../src/reporter.ts";
+import { startReporter, type ReporterHandle } from "../src/reporter/index.ts";
 import { testPki, type TestPki } from "./helpers/pki.ts";
 import { TOKEN } from "./helpers/stack.ts";
 

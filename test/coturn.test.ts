@@ -7,7 +7,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { performance } from "node:perf_hooks";
 import { setLogLevel } from "../src/log.ts";
-import { openReporterLink } from "../src/reporter-link.ts";
+import { openReporterLink } from "../src/local/nat/reporter-link.ts";
 import type { DecodedStunMessage } from "../src/stun.ts";
 import { proxiedRequest } from "./helpers/client.ts";
 import { testPki } from "./helpers/pki.ts";
@@ -196,19 +196,19 @@ test("reporter link against coturn (turnserver --stun-only over TCP)", { timeout
       const local = await startLocalFor(coordinator.addresses[0].port, coturn.port, pki, { nat_keep_alive_interval: INTERVAL, tunnel_idle_timeout: 10 * INTERVAL });
       const web = await startHttpTarget();
       try {
-        const before = local.tunnel();
+        const before = local.mapping();
         assert.ok(before, "the start-up workflow succeeded against coturn");
         assert.deepEqual(before.publicAddress, { host: "127.0.0.1", port: before.localPort });
         const first = await proxiedRequest(local.proxyAddress.port, `http://127.0.0.1:${web.port}/via-coturn`);
         assert.equal(first.status, 200);
         let downs = 0;
-        local.tunnelService.on("down", () => downs++);
+        local.mappingService.on("down", () => downs++);
         // coturn only ever answers: 12 packets means 12 of our own keepalives
         // were answered, well past tunnel_idle_timeout (10 intervals).
         await within(
           new Promise<void>((resolve) => {
             let n = 0;
-            local.tunnelService.on("packet", () => {
+            local.mappingService.on("packet", () => {
               if (++n === 12) resolve();
             });
           }),
@@ -216,7 +216,7 @@ test("reporter link against coturn (turnserver --stun-only over TCP)", { timeout
           "12 keepalive answers from coturn",
         );
         assert.equal(downs, 0, "the tunnel service never restarted");
-        assert.equal(local.tunnel(), before, "same tunnel state: no restart");
+        assert.equal(local.mapping(), before, "same tunnel state: no restart");
         const second = await proxiedRequest(local.proxyAddress.port, `http://localhost:${web.port}/still`);
         assert.equal(second.status, 200);
       } finally {

@@ -39,10 +39,10 @@ describe(`end to end on loopback (${path} path): reporter, coordinator and local
   test(path === "connect-back" ? "the start-up workflow learned P' from the reporter, listens on P, and the probe got through" : "tunnel = outbound needs no reporter: no tunnel service runs", () => {
     assert.equal(stack.local.path(), path);
     if (path === "outbound") {
-      assert.equal(stack.local.tunnel(), undefined);
+      assert.equal(stack.local.mapping(), undefined);
       return;
     }
-    const t = stack.local.tunnel();
+    const t = stack.local.mapping();
     assert.ok(t, "tunnel service is up");
     assert.equal(t.publicAddress.host, "127.0.0.1");
     // On loopback there is no NAT: P' is P.

@@ -8,7 +8,7 @@ import { join } from "node:path";
 import { after, before, test } from "node:test";
 import { fileURLToPath } from "node:url";
 import { resolveConfig } from "../src/config.ts";
-import { startReporter, type ReporterHandle } from "../src/reporter.ts";
+import { startReporter, type ReporterHandle } from "../src/reporter/index.ts";
 import { proxiedRequest } from "./helpers/client.ts";
 import { testPki, type TestPki } from "./helpers/pki.ts";
 import { TOKEN } from "./helpers/stack.ts";

@@ -7,7 +7,7 @@ import tls from "node:tls";
 import { after, before, describe, test } from "node:test";
 import { generateCertificate, type KeyPair } from "../src/tls/certs.ts";
 import { decodeMessage as decodeStun, getAttribute, MAGIC_COOKIE, messageType, METHOD_BINDING, StunFramer, type StunClass } from "../src/stun.ts";
-import { decodeMessage as decodeWire, encodeMessage as encodeWire, encodeOpen, encodeSession, MessageType, resultOf } from "../src/wire.ts";
+import { decodeMessage as decodeWire, encodeMessage as encodeWire, encodeOpen, encodeSession, MessageType, resultOf } from "../src/protocol/wire.ts";
 import { httpsThrough, proxiedRequest } from "./helpers/client.ts";
 import { testPki } from "./helpers/pki.ts";
 import { startStack, TOKEN, type Stack } from "./helpers/stack.ts";
@@ -359,7 +359,7 @@ before(async () => {
   });
   coordPort = stack.coordinator.addresses[0].port;
   reporterPort = stack.reporter.addresses[0].port;
-  const state = stack.local.tunnel();
+  const state = stack.local.mapping();
   assert.ok(state, "the tunnel service is up");
   tunnelPort = state.localPort;
   tunnelSince = state.since;
@@ -1088,7 +1088,7 @@ describe(`fuzz (seed ${SEED})`, () => {
     await assertReporterAnswers();
     const hello = await talk(coordinatorTls(), "secureConnect", [Buffer.from(`GET /v1/hello HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer ${TOKEN}\r\nConnection: close\r\n\r\n`)]);
     assert.match(hello.data.toString(), /^HTTP\/1\.1 200 [\s\S]*"software":"natproxy"/, "the coordinator's API answers");
-    const state = stack.local.tunnel();
+    const state = stack.local.mapping();
     assert.ok(state, "the tunnel service is still up");
     assert.equal(state.localPort, tunnelPort);
     assert.equal(state.since, tunnelSince, "the tunnel service did not restart during the fuzzing");

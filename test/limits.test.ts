@@ -7,7 +7,7 @@ import tls from "node:tls";
 import { resolveConfig } from "../src/config.ts";
 import type { Coordinator } from "../src/coordinator/index.ts";
 import type { Local } from "../src/local/index.ts";
-import { startReporter, type ReporterHandle } from "../src/reporter.ts";
+import { startReporter, type ReporterHandle } from "../src/reporter/index.ts";
 import { connectThrough } from "./helpers/client.ts";
 import { testPki, type TestPki } from "./helpers/pki.ts";
 import { startLocalFor, startTestCoordinator, TOKEN } from "./helpers/stack.ts";

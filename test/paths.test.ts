@@ -6,8 +6,8 @@ import { v4 as uuidv4 } from "uuid";
 import { resolveConfig } from "../src/config.ts";
 import type { Coordinator } from "../src/coordinator/index.ts";
 import { startLocal } from "../src/local/index.ts";
-import { startReporter } from "../src/reporter.ts";
-import { decodeMessage, encodeOpen, MessageType, resultOf } from "../src/wire.ts";
+import { startReporter } from "../src/reporter/index.ts";
+import { decodeMessage, encodeOpen, MessageType, resultOf } from "../src/protocol/wire.ts";
 import { connectThrough, proxiedRequest } from "./helpers/client.ts";
 import { testPki, type TestPki } from "./helpers/pki.ts";
 import { startTestCoordinator, TOKEN } from "./helpers/stack.ts";
@@ -76,7 +76,7 @@ describe("tunnel = auto", () => {
   test("with no reporter at all, auto serves over the outbound path from the start", async () => {
     const local = await startLocal(localConfig(`127.0.0.1:${await closedPort()}`, { retry_max_delay: 60_000 }));
     try {
-      assert.equal(local.tunnel(), undefined);
+      assert.equal(local.mapping(), undefined);
       assert.equal(local.path(), "outbound");
       const res = await proxiedRequest(local.proxyAddress.port, `http://127.0.0.1:${web.port}/no-reporter`);
       assert.equal(res.status, 200);

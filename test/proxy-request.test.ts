@@ -1,9 +1,9 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import { parseHostPort } from "../src/address.ts";
-import { endToEndHeaders } from "../src/local/hop-by-hop.ts";
-import { makeProxyAuth } from "../src/local/proxy-auth.ts";
-import { targetOf } from "../src/local/target-url.ts";
+import { endToEndHeaders } from "../src/local/browser/hop-by-hop.ts";
+import { makeProxyAuth } from "../src/local/browser/proxy-auth.ts";
+import { targetOf } from "../src/local/browser/target-url.ts";
 import type { IncomingMessage } from "node:http";
 
 test("absolute-form URLs give target, origin-form path and Host", () => {

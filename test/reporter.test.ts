@@ -5,8 +5,8 @@ import { connect, createServer, type Server, type Socket } from "node:net";
 import { performance } from "node:perf_hooks";
 import { NatproxyError } from "../src/errors.ts";
 import { setLogLevel } from "../src/log.ts";
-import { openReporterLink, type ReporterLink } from "../src/reporter-link.ts";
-import { startReporter } from "../src/reporter.ts";
+import { openReporterLink, type ReporterLink } from "../src/local/nat/reporter-link.ts";
+import { startReporter } from "../src/reporter/index.ts";
 import {
   decodeMessage,
   encodeMessage,

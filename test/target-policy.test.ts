@@ -11,7 +11,7 @@ import {
   type LookupAll,
   type PolicyDecision,
   type TargetPolicy,
-} from "../src/target-policy.ts";
+} from "../src/coordinator/target-policy.ts";
 
 const PORT = 443;
 

@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { PassThrough } from "node:stream";
 import { test } from "node:test";
 import { v4 as uuidv4 } from "uuid";
-import { HEADER_SIZE, MessageType, decodeMessage, encodeMessage, encodeSession, isSessionId, readMessage, sessionIdOf, WireError } from "../src/wire.ts";
+import { HEADER_SIZE, MessageType, decodeMessage, encodeMessage, encodeSession, isSessionId, readMessage, sessionIdOf, WireError } from "../src/protocol/wire.ts";
 
 test("a session message round-trips and is 24 bytes", () => {
   const id = uuidv4();
@@ -74,7 +74,7 @@ test("readMessage rejects on garbage and on an early close", async () => {
 });
 
 test("open and result messages round-trip; refusals name what is wrong", async () => {
-  const { encodeOpen, openOf, encodeResult, resultOf } = await import("../src/wire.ts");
+  const { encodeOpen, openOf, encodeResult, resultOf } = await import("../src/protocol/wire.ts");
   const id = uuidv4();
   for (const host of ["example.com", "203.0.113.30", "2001:db8::1", "ü.example"]) {
     const d = decodeMessage(encodeOpen({ session: id, target: { host, port: 443 } }));

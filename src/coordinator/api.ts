@@ -3,19 +3,11 @@ import { isIP } from "node:net";
 import type { ConsolaInstance } from "consola";
 import { formatHostPort, unmapIPv4, type HostPort } from "../address.ts";
 import { NatproxyError } from "../errors.ts";
-import type { CallerOf } from "../proxy-header.ts";
+import type { CallerOf } from "./proxy-header.ts";
+import { API } from "../protocol/api.ts";
 import { VERSION } from "../version.ts";
-import { isSessionId } from "../wire.ts";
-import type { ProbeRequest, ReadyRequest, SessionRequest } from "./session.ts";
-
-export const API = {
-  hello: "/v1/hello",
-  sessions: "/v1/sessions",
-  probe: "/v1/probe",
-  ready: "/v1/ready",
-  /** Only as an HTTP Upgrade (outbound.ts). */
-  tunnel: "/v1/tunnel",
-} as const;
+import { isSessionId } from "../protocol/wire.ts";
+import type { ProbeRequest, ReadyRequest, SessionRequest } from "./connect-back.ts";
 
 const MAX_BODY = 16 * 1024;
 
@@ -100,7 +92,7 @@ function checkConnectBack(ctx: ApiContext, reply: string, client: string): void 
 
 function methodNotAllowed(res: ServerResponse, allow: string): NatproxyError {
   res.setHeader("Allow", allow);
-  return Object.assign(new NatproxyError("BAD_REQUEST", `use ${allow}`), { status: 405 });
+  return new NatproxyError("METHOD_NOT_ALLOWED", `use ${allow}`);
 }
 
 function readJson(req: IncomingMessage): Promise<unknown> {

@@ -1,8 +1,7 @@
 import net from "node:net";
-import tls from "node:tls";
 import { NatproxyError, targetError } from "../errors.ts";
 import { formatHostPort, type HostPort } from "../address.ts";
-import type { TargetPolicy } from "../target-policy.ts";
+import type { TargetPolicy } from "./target-policy.ts";
 
 /**
  * Dials the target. The connect timer is cleared on both outcomes; the socket
@@ -34,52 +33,6 @@ export function dialTarget(target: HostPort, timeout: number, policy: TargetPoli
       socket.off("error", fail);
       socket.on("error", () => {});
       resolve(socket);
-    });
-  });
-}
-
-/**
- * Opens the connect-back to the local proxy's public address and runs TLS on
- * it with this side as the server, so the local proxy verifies the same
- * certificate it trusts on the HTTPS API. Nothing is sent before the local
- * proxy's ClientHello arrives: a service that is not a natproxy never receives
- * a byte from us.
- */
-export function connectBack(reply: HostPort, secureContext: tls.SecureContext, connectTimeout: number, handshakeTimeout: number, signal: AbortSignal): Promise<tls.TLSSocket> {
-  const name = formatHostPort(reply.host, reply.port);
-  return new Promise((resolve, reject) => {
-    const raw = net.connect({ host: reply.host, port: reply.port, noDelay: true, allowHalfOpen: true });
-    let secure: tls.TLSSocket | undefined;
-    let timer = setTimeout(() => fail(new NatproxyError("CONNECT_BACK_TIMEOUT", `${name}: TCP connect timed out`)), connectTimeout);
-    const fail = (err: NatproxyError) => {
-      clearTimeout(timer);
-      signal.removeEventListener("abort", onAbort);
-      raw.destroy();
-      secure?.destroy();
-      reject(err);
-    };
-    const onAbort = () => fail(signal.reason as NatproxyError);
-    signal.addEventListener("abort", onAbort, { once: true });
-    const onRawError = (err: NodeJS.ErrnoException) => fail(new NatproxyError("CONNECT_BACK_FAILED", `${name}: ${err.code ?? err.message}`, { cause: err }));
-    raw.on("error", onRawError);
-    raw.once("connect", () => {
-      clearTimeout(timer);
-      timer = setTimeout(() => fail(new NatproxyError("CONNECT_BACK_TIMEOUT", `${name}: TLS handshake timed out`)), handshakeTimeout);
-      const s = new tls.TLSSocket(raw, { isServer: true, secureContext, requestCert: false });
-      secure = s;
-      const onTlsError = (err: NodeJS.ErrnoException) =>
-        fail(new NatproxyError("CONNECT_BACK_FAILED", `${name}: TLS handshake failed (${err.code ?? err.message})`, { cause: err }));
-      s.on("error", onTlsError);
-      s.once("secure", () => {
-        clearTimeout(timer);
-        signal.removeEventListener("abort", onAbort);
-        s.off("error", onTlsError);
-        raw.off("error", onRawError);
-        // The bridge installs its own handlers; until then a late error must not crash us.
-        s.on("error", () => {});
-        raw.on("error", () => {});
-        resolve(s);
-      });
     });
   });
 }

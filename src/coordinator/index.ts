@@ -7,15 +7,16 @@ import type { CoordinatorConfig } from "../config.ts";
 import { NatproxyError } from "../errors.ts";
 import { roleLogger } from "../log.ts";
 import { closeServer, deadlineCheckInterval, listen } from "../listen.ts";
-import { directCaller, requireProxyHeader } from "../proxy-header.ts";
+import { directCaller, requireProxyHeader } from "./proxy-header.ts";
 import { SocketRegistry } from "../sockets.ts";
-import { createTargetPolicy } from "../target-policy.ts";
+import { createTargetPolicy } from "./target-policy.ts";
 import { generateCertificate, loadKeyPair, type KeyPair } from "../tls/certs.ts";
 import { apiHandler, sendJson } from "./api.ts";
 import { makeTokenCheck } from "./auth.ts";
 import { SessionLimits } from "./limits.ts";
-import { awaitOpen, upgradeHandler, type OutboundContext } from "./outbound.ts";
-import { openReady, openSession, probeConnectBack } from "./session.ts";
+import { awaitOpen, type EngineContext } from "./open-engine.ts";
+import { upgradeHandler } from "./upgrade.ts";
+import { answerProbe, openReady, openSession } from "./connect-back.ts";
 
 export interface Coordinator {
   addresses: AddressInfo[];
@@ -38,6 +39,9 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
   const tlsOptions = { key: keyPair.key, cert: keyPair.cert, minVersion: "TLSv1.2" as const };
   const secureContext = tls.createSecureContext(tlsOptions);
   const sockets = new SocketRegistry();
+  // close() aborts this: connect-backs still being dialled (for a session, a
+  // probe or a ready connection) stop at once instead of running out their timers.
+  const shutdown = new AbortController();
   const sessionCtx = {
     secureContext,
     connectTimeout: config.connect_timeout,
@@ -47,6 +51,7 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
     policy: createTargetPolicy({ allow: config.allow_targets, deny: config.deny_targets }),
     limits: new SessionLimits(config.max_sessions, config.max_sessions_per_token),
     sockets,
+    shutdown: shutdown.signal,
     log,
   };
   const headersTimeout = Math.min(config.request_timeout, config.handshake_timeout);
@@ -66,7 +71,7 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
   const callerOf = config.proxy_protocol ? requireProxyHeader(server, { timeout: config.handshake_timeout, log }) : directCaller;
   const checkToken = makeTokenCheck(config.tokens);
   const waiting = new Set<Duplex>();
-  const tunnelCtx: OutboundContext = {
+  const engineCtx: EngineContext = {
     checkToken,
     callerOf,
     policy: sessionCtx.policy,
@@ -89,10 +94,10 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
       connectBackPolicy: config.connect_back,
       callerOf,
       openSession: (req) => openSession(req, sessionCtx),
-      probe: (req) => probeConnectBack(req, sessionCtx),
+      probe: (req) => answerProbe(req, sessionCtx),
       ready: (req) => {
-        const release = tunnelCtx.readyLimits.acquire(req.token);
-        return openReady(req, sessionCtx, (back) => awaitOpen(tunnelCtx, back, req.token, req.client, "connect-back", release)).catch((err: unknown) => {
+        const release = engineCtx.readyLimits.acquire(req.token);
+        return openReady(req, sessionCtx, (back) => awaitOpen(engineCtx, back, req.token, req.client, "connect-back", release)).catch((err: unknown) => {
           release();
           throw err;
         });
@@ -100,14 +105,14 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
       log,
     }),
   );
-  server.on("upgrade", upgradeHandler(tunnelCtx));
+  server.on("upgrade", upgradeHandler(engineCtx));
   // An Expect other than 100-continue: Node would answer 417 before anything
   // checked the token; an unauthenticated peer gets nothing but 401.
   server.on("checkExpectation", (req, res) => {
     req.resume();
     const anonymous = checkToken(req.headers.authorization) === undefined;
     if (anonymous) res.setHeader("WWW-Authenticate", 'Bearer realm="natproxy"');
-    const e = anonymous ? new NatproxyError("UNAUTHORIZED") : Object.assign(new NatproxyError("BAD_REQUEST", "only Expect: 100-continue is understood"), { status: 417 });
+    const e = anonymous ? new NatproxyError("UNAUTHORIZED") : new NatproxyError("EXPECTATION_FAILED", "only Expect: 100-continue is understood");
     sendJson(res, e.status, { error: { code: e.code, message: e.message } });
   });
   server.on("connection", (socket) => sockets.add(socket));
@@ -130,6 +135,7 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
     async close(opts = {}) {
       const closing = closeServer(server);
       server.closeIdleConnections();
+      shutdown.abort(new NatproxyError("SHUTTING_DOWN"));
       // Ready connections that carry no tunnel yet are idle, not live.
       for (const s of waiting) s.destroy();
       if (opts.graceMs && sessionCtx.limits.active > 0) {

@@ -3,16 +3,16 @@ import type { LocalConfig } from "../config.ts";
 import { NatproxyError } from "../errors.ts";
 import { roleLogger } from "../log.ts";
 import { describeTrust } from "../tls/trust.ts";
-import { describeReachability, probeConnectBack, resolveHost, type Reachability, type TunnelPath } from "./path.ts";
-import { TunnelService } from "./tunnel-service.ts";
-import { localParts } from "./wiring.ts";
+import { describeReachability, probeConnectBack, resolveHost, type Reachability, type DataPath } from "./tunnel/path.ts";
+
+import { localParts, mappingServiceFor } from "./parts.ts";
 
 export interface CheckReport {
   /** A path that works was found (and is the one the configured mode would use). */
   ok: boolean;
   /** What a user reads, one finding per line. */
   lines: string[];
-  path?: TunnelPath;
+  path?: DataPath;
   reachability?: Reachability;
 }
 
@@ -23,11 +23,12 @@ const fail = (err: unknown) => (err instanceof NatproxyError ? `${err.message} [
  * nothing left running. It exercises the same code the proxy uses, so a
  * green check means the proxy will work from this network as configured.
  */
-export async function checkLocal(config: LocalConfig): Promise<CheckReport> {
+export async function runCheck(config: LocalConfig): Promise<CheckReport> {
   const lines: string[] = [];
   const log = roleLogger("local");
-  const { hostname, trust, coordinator, dialer: outbound, sessions, sockets } = localParts(config);
-  const tunnelService = new TunnelService({ config: { ...config, reporter_retries: 0 }, trust, sessions, sockets, log });
+  const parts = localParts(config);
+  const { hostname, trust, coordinator, dialer: outbound, sessions, sockets } = parts;
+  const mappingService = mappingServiceFor({ ...config, reporter_retries: 0 }, parts, log);
   try {
     lines.push(`coordinator:   ${config.coordinatorUrl.origin} (trusting ${describeTrust(trust)})`);
     let apiOk = false;
@@ -52,11 +53,11 @@ export async function checkLocal(config: LocalConfig): Promise<CheckReport> {
 
     const reporter = formatHostPort(config.reporterAddress.host, config.reporterAddress.port);
     lines.push(`reporter:      ${reporter} (STUN over TCP)`);
-    const up = await tunnelService.start();
-    const state = tunnelService.state;
+    const up = await mappingService.start();
+    const state = mappingService.state;
     let reachability: Reachability | undefined;
     if (!up || !state) {
-      lines.push(`  PROBLEM      ${fail(tunnelService.lastError)}; connect-back cannot be used without a public address`);
+      lines.push(`  PROBLEM      ${fail(mappingService.lastError)}; connect-back cannot be used without a public address`);
     } else {
       lines.push(`  ok           public address ${formatHostPort(state.publicAddress.host, state.publicAddress.port)}, seen from local ${formatHostPort(state.localAddress, state.localPort)}`);
       if (apiOk) {
@@ -69,7 +70,7 @@ export async function checkLocal(config: LocalConfig): Promise<CheckReport> {
     }
 
     const backOk = reachability?.probe.ok === true;
-    let path: TunnelPath | undefined;
+    let path: DataPath | undefined;
     let ok: boolean;
     if (config.tunnel === "connect-back") {
       path = "connect-back";
@@ -94,7 +95,7 @@ export async function checkLocal(config: LocalConfig): Promise<CheckReport> {
     return { ok, lines, path, reachability };
   } finally {
     sessions.failAll(new NatproxyError("SHUTTING_DOWN"));
-    await tunnelService.close();
+    await mappingService.close();
     coordinator.close();
     sockets.destroyAll();
   }

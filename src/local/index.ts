@@ -7,25 +7,25 @@ import { closeServer, deadlineCheckInterval, listen } from "../listen.ts";
 import { roleLogger } from "../log.ts";
 import { closeWith, destroyIdleSockets } from "../sockets.ts";
 import { describeTrust } from "../tls/trust.ts";
-import type { HandlerContext } from "./context.ts";
-import { makeConnectHandler } from "./handle-connect.ts";
-import { makeRequestHandler } from "./handle-request.ts";
-import { makeUpgradeHandler } from "./handle-upgrade.ts";
-import { makeProxyAuth } from "./proxy-auth.ts";
-import { ConnectBackDialer } from "./connect-back.ts";
-import { ReadyPool } from "./ready-pool.ts";
-import { PathChooser, describeReachability, isConnectBackFailure, probeConnectBack, resolveHost, type Reachability, type TunnelPath } from "./path.ts";
-import { TunnelService, type TunnelState } from "./tunnel-service.ts";
-import { TunnelAgent } from "./tunnels.ts";
-import { localParts } from "./wiring.ts";
+import type { HandlerContext } from "./browser/context.ts";
+import { makeConnectHandler } from "./browser/handle-connect.ts";
+import { makeRequestHandler } from "./browser/handle-request.ts";
+import { makeUpgradeHandler } from "./browser/handle-upgrade.ts";
+import { makeProxyAuth } from "./browser/proxy-auth.ts";
+import { ConnectBackDialer } from "./tunnel/connect-back.ts";
+import { ReadyPool } from "./tunnel/ready-pool.ts";
+import { PathChooser, describeReachability, isConnectBackFailure, probeConnectBack, resolveHost, type Reachability, type DataPath } from "./tunnel/path.ts";
+import { MappingService, type NatMapping } from "./nat/mapping-service.ts";
+import { PlainHttpAgent } from "./tunnel/http-agent.ts";
+import { localParts, mappingServiceFor } from "./parts.ts";
 
 export interface Local {
   /** The browser-facing HTTP proxy. */
   proxyAddress: AddressInfo;
   /** P and P' once the start-up workflow succeeded; undefined while it retries. */
-  tunnel(): TunnelState | undefined;
+  mapping(): NatMapping | undefined;
   /** The path the next browser connection takes. */
-  path(): TunnelPath;
+  path(): DataPath;
   /** What the last probe found; undefined before the tunnel service first came up. */
   reachability(): Reachability | undefined;
   /** Sessions waiting for their connect-back (for tests and leak checks). */
@@ -37,7 +37,7 @@ export interface Local {
   /** The connect-back path's pool of connect-backs opened ahead of need. */
   connectBackPool: ReadyPool;
   liveSockets(): number;
-  tunnelService: TunnelService;
+  mappingService: MappingService;
   /**
    * Stops accepting at once; with `graceMs`, live tunnels may finish for up
    * to that long before everything is cut.
@@ -47,17 +47,18 @@ export interface Local {
 
 export async function startLocal(config: LocalConfig): Promise<Local> {
   const log = roleLogger("local");
-  const { hostname, trust, coordinator, dialer, sessions, sockets } = localParts(config);
+  const parts = localParts(config);
+  const { hostname, trust, coordinator, dialer, sessions, sockets } = parts;
   const coordinatorHost = await resolveHost(hostname);
   if (config.allow_self_signed && !trust.pin) {
     log.warn("allow_self_signed = true without a fingerprint: any certificate is accepted, so anyone on the path can impersonate the coordinator. Pin it with [local] fingerprint.");
   }
   log.info(`coordinator ${config.coordinatorUrl.origin}, trusting ${describeTrust(trust)}`);
-  const tunnelService = new TunnelService({ config, trust, sessions, sockets, log });
+  const mappingService = mappingServiceFor(config, parts, log);
 
   const poolOptions = { size: config.pool_size, maxAge: config.pool_idle_timeout, grace: config.connect_back_grace };
   const outbound = new ReadyPool(dialer, poolOptions);
-  const connectBack = new ReadyPool(new ConnectBackDialer({ sessions, coordinator, tunnelState: () => tunnelService.state, connectTimeout: config.connect_timeout, sockets }), {
+  const connectBack = new ReadyPool(new ConnectBackDialer({ sessions, coordinator, mapping: () => mappingService.state, connectTimeout: config.connect_timeout, sockets }), {
     ...poolOptions,
     // Ready connect-backs keep working through a NAT or firewall that has
     // stopped letting new ones in; a refill that fails is the first to know.
@@ -75,14 +76,14 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
   // mapping moved or the reporter came back) the connect-back is probed
   // again, so the path follows what the network allows now.
   let probing: Promise<void> | undefined;
-  const probe = (state: TunnelState) => {
+  const probe = (state: NatMapping) => {
     probing = probeConnectBack(coordinator, sessions, state, config.probe_timeout).then((result) => {
-      if (tunnelService.state === state) paths.probed(describeReachability(state, result, coordinatorHost));
+      if (mappingService.state === state) paths.probed(describeReachability(state, result, coordinatorHost));
     });
     return probing;
   };
-  tunnelService.on("ready", probe);
-  tunnelService.on("down", (err) => {
+  mappingService.on("ready", probe);
+  mappingService.on("down", (err) => {
     paths.tunnelDown(err.message);
     // Whatever broke the reporter link (a NAT that rebooted or forgot its
     // state, a new address) has broken pooled API connections too; they would
@@ -97,16 +98,16 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
   // of reach): one API call and one connection per probe_interval.
   let reprobing = false;
   const reprobe = setInterval(() => {
-    const state = tunnelService.state;
+    const state = mappingService.state;
     if (config.tunnel !== "auto" || paths.current() !== "outbound" || !state || reprobing) return;
     reprobing = true;
     void probe(state).finally(() => (reprobing = false));
   }, config.probe_interval);
-  const starting = config.tunnel === "outbound" ? Promise.resolve(false) : tunnelService.start();
+  const starting = config.tunnel === "outbound" ? Promise.resolve(false) : mappingService.start();
   await Promise.all([starting, checking]);
   await probing;
   if (config.tunnel === "outbound") log.info(paths.describe());
-  else if (!tunnelService.state && config.tunnel === "auto") log.info(`tunnel path: outbound until the reporter answers (no public address yet)`);
+  else if (!mappingService.state && config.tunnel === "auto") log.info(`tunnel path: outbound until the reporter answers (no public address yet)`);
 
   const tunnels = { outbound, connectBack, paths,
     // A connect-back takes a few round trips; the probe measured them.
@@ -115,7 +116,7 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
     maxPending: config.max_pending,
     sockets,
   };
-  const agent = new TunnelAgent(tunnels, log, config.pool_idle_timeout);
+  const agent = new PlainHttpAgent(tunnels, log, config.pool_idle_timeout);
   const ctx: HandlerContext = { authorize: makeProxyAuth(config.users), tunnels, agent, sockets, log, bridgeTimeouts: { idle: config.session_idle_timeout, fin: config.fin_timeout }, optimisticConnect: () => config.optimistic_connect && (paths.current() === "outbound" ? outbound : connectBack).size > 0 };
   const server = http.createServer({
     maxHeaderSize: config.max_header_size,
@@ -145,7 +146,7 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
     outbound.close();
     connectBack.close();
     sessions.failAll(new NatproxyError("SHUTTING_DOWN"));
-    await tunnelService.close();
+    await mappingService.close();
   };
   const release = () => {
     agent.destroy();
@@ -165,7 +166,7 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
   let closing: Promise<void> | undefined;
   return {
     proxyAddress,
-    tunnel: () => tunnelService.state,
+    mapping: () => mappingService.state,
     path: () => paths.current(),
     reachability: () => paths.reachability,
     pendingSessions: () => sessions.size,
@@ -173,7 +174,7 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
     outboundPool: outbound,
     connectBackPool: connectBack,
     liveSockets: () => sockets.size,
-    tunnelService,
+    mappingService,
     close(opts = {}) {
       closing ??= (async () => {
         const stopped = closeServer(server);

@@ -2,7 +2,7 @@ import { resolveConfig, type ConfigInput } from "../../src/config.ts";
 import { startCoordinator, type Coordinator } from "../../src/coordinator/index.ts";
 import { startLocal, type Local } from "../../src/local/index.ts";
 import { setLogLevel } from "../../src/log.ts";
-import { startReporter } from "../../src/reporter.ts";
+import { startReporter } from "../../src/reporter/index.ts";
 import { testPki, type TestPki } from "./pki.ts";
 
 export const TOKEN = "test-token-0123456789abcdef";

@@ -1,7 +1,7 @@
-import { createServer, type AddressInfo, type Server, type Socket } from "node:net";
-import { formatHostPort, unmapIPv4 } from "./address.ts";
-import type { ReporterConfig } from "./config.ts";
-import { roleLogger } from "./log.ts";
+import { createServer, type AddressInfo, type Socket } from "node:net";
+import { formatHostPort, unmapIPv4 } from "../address.ts";
+import type { ReporterConfig } from "../config.ts";
+import { roleLogger } from "../log.ts";
 import {
   describeMessage,
   decodeMessage,
@@ -14,8 +14,8 @@ import {
   type DecodedStunMessage,
   type StunAddress,
   type StunAttribute,
-} from "./stun.ts";
-import { SOFTWARE } from "./version.ts";
+} from "../stun.ts";
+import { SOFTWARE } from "../version.ts";
 
 // The IP:port reporting service: standard STUN Binding over TCP (so coturn or
 // any RFC 8489 client interoperates), plus the seed's keepalive: once a peer

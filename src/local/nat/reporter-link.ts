@@ -1,8 +1,8 @@
 import { EventEmitter } from "node:events";
 import { connect, isIP, type Socket } from "node:net";
-import { formatHostPort, unmapIPv4, type HostPort } from "./address.ts";
-import { NatproxyError } from "./errors.ts";
-import { roleLogger } from "./log.ts";
+import { formatHostPort, unmapIPv4, type HostPort } from "../../address.ts";
+import { NatproxyError } from "../../errors.ts";
+import { roleLogger } from "../../log.ts";
 import {
   decodeMessage,
   describeMessage,
@@ -14,8 +14,8 @@ import {
   StunFramer,
   type DecodedStunMessage,
   type StunMessage,
-} from "./stun.ts";
-import { SOFTWARE } from "./version.ts";
+} from "../../stun.ts";
+import { SOFTWARE } from "../../version.ts";
 
 // The local proxy's side of the reporter connection. Connecting FROM the port
 // the tunnel service will listen on is what creates the NAT mapping the

@@ -1,7 +1,7 @@
 import type { ServerResponse } from "node:http";
 import type { Duplex } from "node:stream";
-import { NatproxyError } from "../errors.ts";
-import { closeWithResponse } from "../sockets.ts";
+import { NatproxyError } from "../../errors.ts";
+import { closeWithResponse } from "../../sockets.ts";
 
 // What the browser sees when a session fails: a real status, and the reason
 // in the body, so "why does this page not load" has an answer on screen.

@@ -1,8 +1,8 @@
 import type { IncomingMessage } from "node:http";
 import type { Duplex } from "node:stream";
-import { parseHostPort, type HostPort } from "../address.ts";
-import { NatproxyError } from "../errors.ts";
-import { formatSession } from "../request-log.ts";
+import { parseHostPort, type HostPort } from "../../address.ts";
+import { NatproxyError } from "../../errors.ts";
+import { formatSession } from "../../request-log.ts";
 import { PROXY_AUTH_CHALLENGE } from "./proxy-auth.ts";
 import { clientOf, type HandlerContext } from "./context.ts";
 import { writeRawError } from "./respond.ts";

@@ -1,5 +1,5 @@
-import { NatproxyError } from "../errors.ts";
-import type { HostPort } from "../address.ts";
+import { NatproxyError } from "../../errors.ts";
+import type { HostPort } from "../../address.ts";
 
 /**
  * The target of an absolute-form request ("GET http://host:port/path").

@@ -1,21 +1,17 @@
-import http from "node:http";
-import type { Duplex } from "node:stream";
 import type { TLSSocket } from "node:tls";
-import type { ConsolaInstance } from "consola";
 import { v4 as uuidv4 } from "uuid";
-import { formatHostPort, type HostPort } from "../address.ts";
-import { NatproxyError } from "../errors.ts";
-import { formatSession } from "../request-log.ts";
-import type { SocketRegistry } from "../sockets.ts";
+import type { HostPort } from "../../address.ts";
+import { NatproxyError } from "../../errors.ts";
+import type { SocketRegistry } from "../../sockets.ts";
 import type { EarlyBytes } from "./early-bytes.ts";
-import { isConnectBackFailure, type PathChooser, type TunnelPath } from "./path.ts";
+import { isConnectBackFailure, type PathChooser, type DataPath } from "./path.ts";
 import type { ReadyDialer } from "./ready-pool.ts";
 
 export interface Tunnel {
   socket: TLSSocket;
   session: string;
   started: number;
-  path: TunnelPath;
+  path: DataPath;
   /** Cleartext bytes read on the socket before the target's first byte. */
   overhead: number;
   /** Cleartext bytes written before the first byte for the target. */
@@ -61,7 +57,7 @@ export async function openTunnel(opts: TunnelOpenerOptions, target: HostPort, si
 }
 
 /** One session's tunnel on one path: a ready connection from that path's pool, or one made for it. */
-async function openOn(path: TunnelPath, opts: TunnelOpenerOptions, target: HostPort, started: number, signal?: AbortSignal, early?: EarlyBytes): Promise<Tunnel> {
+async function openOn(path: DataPath, opts: TunnelOpenerOptions, target: HostPort, started: number, signal?: AbortSignal, early?: EarlyBytes): Promise<Tunnel> {
   const session = uuidv4();
   const t = await (path === "outbound" ? opts.outbound : opts.connectBack).open(session, target, signal, early);
   opts.sockets.add(t.socket);
@@ -85,8 +81,8 @@ function openHedged(opts: TunnelOpenerOptions, target: HostPort, started: number
       }
       settled = true;
       clearTimeout(timer);
-      cancelBack.abort(new NatproxyError("BAD_REQUEST", "another path won"));
-      cancelOut.abort(new NatproxyError("BAD_REQUEST", "another path won"));
+      cancelBack.abort(new NatproxyError("CANCELLED", "another path won"));
+      cancelOut.abort(new NatproxyError("CANCELLED", "another path won"));
       if (t) resolve(t);
       else reject(err);
     };
@@ -125,55 +121,4 @@ function openHedged(opts: TunnelOpenerOptions, target: HostPort, started: number
       },
     );
   });
-}
-
-/**
- * Pools tunnels per target for plain-HTTP requests: a browser's keep-alive
- * requests to the same host reuse one tunnel, and requests to different hosts
- * on one browser connection each get their own.
- */
-export class TunnelAgent extends http.Agent {
-  readonly #opts: TunnelOpenerOptions;
-  readonly #log: ConsolaInstance;
-
-  constructor(opts: TunnelOpenerOptions, log: ConsolaInstance, idleTimeout: number) {
-    super({ keepAlive: true, timeout: idleTimeout, scheduling: "lifo" });
-    this.#opts = opts;
-    this.#log = log;
-  }
-
-  override createConnection(options: http.ClientRequestArgs, callback?: (err: Error | null, stream: Duplex) => void): Duplex | undefined {
-    const target = { host: options.host ?? "localhost", port: Number(options.port ?? 80) };
-    const client = (options as { natproxyClient?: string }).natproxyClient ?? "?";
-    openTunnel(this.#opts, target).then(
-      (t) => {
-        this.#logOnClose(t, client, target);
-        callback?.(null, t.socket);
-      },
-      (err: NatproxyError) => {
-        this.#log.info(formatSession({ session: "-", client, target: formatHostPort(target.host, target.port), path: this.#opts.paths.current(), outcome: err.code ?? "ERROR", up: 0, down: 0, ms: 0, detail: err.message }));
-        callback?.(err, undefined as unknown as Duplex);
-      },
-    );
-    return undefined;
-  }
-
-  #logOnClose(t: Tunnel, client: string, target: HostPort): void {
-    // TLS sockets count cleartext: what went to and came from the target,
-    // plus the session header that opened the connect-back.
-    t.socket.once("close", () => {
-      this.#log.info(
-        formatSession({
-          session: t.session,
-          client,
-          target: formatHostPort(target.host, target.port),
-          path: t.path,
-          outcome: "ok",
-          up: t.socket.bytesWritten - t.sentOverhead,
-          down: Math.max(0, t.socket.bytesRead - t.overhead),
-          ms: Math.round(performance.now() - t.started),
-        }),
-      );
-    });
-  }
 }

@@ -2,14 +2,14 @@ import type { ConsolaInstance } from "consola";
 import { v4 as uuidv4 } from "uuid";
 import { lookup } from "node:dns/promises";
 import { isIP } from "node:net";
-import { formatHostPort, unmapIPv4 } from "../address.ts";
-import { NatproxyError } from "../errors.ts";
-import type { CoordinatorClient } from "./coordinator-client.ts";
-import type { SessionTable } from "./sessions.ts";
-import type { TunnelState } from "./tunnel-service.ts";
+import { formatHostPort, unmapIPv4 } from "../../address.ts";
+import { NatproxyError } from "../../errors.ts";
+import type { CoordinatorClient } from "../coordinator/client.ts";
+import type { SessionTable } from "./connect-back.ts";
+import type { NatMapping } from "../nat/mapping-service.ts";
 
-export type TunnelMode = "auto" | "connect-back" | "outbound";
-export type TunnelPath = "connect-back" | "outbound";
+export type DataPathMode = "auto" | "connect-back" | "outbound";
+export type DataPath = "connect-back" | "outbound";
 
 export interface ProbeResult {
   ok: boolean;
@@ -33,7 +33,7 @@ export interface Reachability {
  * One connect-back, carrying a fresh id and nothing else: the only reliable
  * way to learn whether this NAT lets the coordinator in to P'.
  */
-export async function probeConnectBack(coordinator: CoordinatorClient, sessions: SessionTable, state: TunnelState, timeout: number): Promise<ProbeResult> {
+export async function probeConnectBack(coordinator: CoordinatorClient, sessions: SessionTable, state: NatMapping, timeout: number): Promise<ProbeResult> {
   const id = uuidv4();
   const started = performance.now();
   const arrival = sessions.expect(id, timeout);
@@ -51,7 +51,7 @@ export async function probeConnectBack(coordinator: CoordinatorClient, sessions:
   }
 }
 
-export function describeReachability(state: TunnelState, probe: ProbeResult, coordinatorHost: string): Reachability {
+export function describeReachability(state: NatMapping, probe: ProbeResult, coordinatorHost: string): Reachability {
   const pub = formatHostPort(state.publicAddress.host, state.publicAddress.port);
   const nat = state.publicAddress.host !== state.localAddress;
   const portPreserved = state.publicAddress.port === state.localPort;
@@ -82,20 +82,20 @@ export function describeReachability(state: TunnelState, probe: ProbeResult, coo
  * means outbound, which works wherever the coordinator's HTTPS port does.
  */
 export class PathChooser {
-  readonly mode: TunnelMode;
+  readonly mode: DataPathMode;
   readonly #origin: string;
   readonly #log: ConsolaInstance;
   #connectBackWorks = false;
   #reachability: Reachability | undefined;
 
   /** `origin`: the coordinator's URL origin, which the outbound path dials. */
-  constructor(mode: TunnelMode, origin: string, log: ConsolaInstance) {
+  constructor(mode: DataPathMode, origin: string, log: ConsolaInstance) {
     this.mode = mode;
     this.#origin = origin;
     this.#log = log;
   }
 
-  current(): TunnelPath {
+  current(): DataPath {
     if (this.mode !== "auto") return this.mode;
     return this.#connectBackWorks ? "connect-back" : "outbound";
   }

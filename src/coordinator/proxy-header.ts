@@ -3,8 +3,9 @@ import type { Duplex } from "node:stream";
 import type tls from "node:tls";
 import type { ConsolaInstance } from "consola";
 import { AddressFamilyType, Command, TransportProtocol, V1ProxyProtocol, V2ProxyProtocol, type IPv4ProxyAddress, type IPv6ProxyAddress } from "proxy-protocol-js";
-import { formatHostPort, unmapIPv4, type HostPort } from "./address.ts";
-import { readFramed } from "./wire.ts";
+import { formatHostPort, unmapIPv4, type HostPort } from "../address.ts";
+import type { ErrorCode } from "../errors.ts";
+import { readFramed } from "../protocol/wire.ts";
 
 // PROXY protocol (v1 text, v2 binary), as a TCP load balancer such as HAProxy
 // sends it in front of the connection it forwards (`send-proxy-v2`), so that
@@ -14,7 +15,7 @@ import { readFramed } from "./wire.ts";
 // would otherwise hand back as data) and checks what they claim.
 
 export class ProxyHeaderError extends Error {
-  readonly code = "PROXY_HEADER";
+  readonly code: ErrorCode = "PROXY_HEADER";
 }
 
 export interface ProxyHeader {

@@ -1,19 +1,14 @@
 import { lookup } from "node:dns/promises";
 import { EventEmitter } from "node:events";
 import net from "node:net";
-import tls from "node:tls";
 import type { ConsolaInstance } from "consola";
-import { formatHostPort, type HostPort } from "../address.ts";
-import type { LocalConfig } from "../config.ts";
-import { NatproxyError } from "../errors.ts";
-import { listen, stopListening } from "../listen.ts";
-import { openReporterLink, type ReporterLink } from "../reporter-link.ts";
-import type { SocketRegistry } from "../sockets.ts";
-import { tlsClientOptions, verifyPeer, type Trust } from "../tls/trust.ts";
-import { readMessage, sessionIdOf } from "../wire.ts";
-import type { SessionTable } from "./sessions.ts";
+import { formatHostPort, type HostPort } from "../../address.ts";
+import type { LocalConfig } from "../../config.ts";
+import { NatproxyError } from "../../errors.ts";
+import { listen, stopListening } from "../../listen.ts";
+import { openReporterLink, type ReporterLink } from "./reporter-link.ts";
 
-export interface TunnelState {
+export interface NatMapping {
   /** P: the local port the reporter saw us from, and the one we listen on. */
   localPort: number;
   /** P': what the NAT maps P to, as the reporter saw it. */
@@ -26,7 +21,7 @@ export interface TunnelState {
 }
 
 interface Events {
-  ready: [TunnelState];
+  ready: [NatMapping];
   down: [Error];
   /** Something arrived from the reporter (a keepalive or an answer). */
   packet: [];
@@ -39,13 +34,11 @@ interface Events {
  * `tunnel_idle_timeout`, it closes the listener (never the live tunnels) and
  * runs the workflow again, with jittered backoff while the reporter fails.
  */
-export class TunnelService extends EventEmitter<Events> {
+export class MappingService extends EventEmitter<Events> {
   readonly #config: LocalConfig;
-  readonly #trust: Trust;
-  readonly #sessions: SessionTable;
-  readonly #sockets: SocketRegistry;
+  readonly #accept: (socket: net.Socket) => void;
   readonly #log: ConsolaInstance;
-  #state: TunnelState | undefined;
+  #state: NatMapping | undefined;
   #link: ReporterLink | undefined;
   #server: net.Server | undefined;
   #port: number;
@@ -58,17 +51,16 @@ export class TunnelService extends EventEmitter<Events> {
   #lastError: Error | undefined;
   #wake: (() => void) | undefined;
 
-  constructor(opts: { config: LocalConfig; trust: Trust; sessions: SessionTable; sockets: SocketRegistry; log: ConsolaInstance }) {
+  /** `accept`: what to do with each connection that arrives on P (the connect-back acceptor). */
+  constructor(opts: { config: LocalConfig; accept: (socket: net.Socket) => void; log: ConsolaInstance }) {
     super();
     this.#config = opts.config;
-    this.#trust = opts.trust;
-    this.#sessions = opts.sessions;
-    this.#sockets = opts.sockets;
+    this.#accept = opts.accept;
     this.#log = opts.log;
     this.#port = opts.config.tunnel_port;
   }
 
-  get state(): TunnelState | undefined {
+  get state(): NatMapping | undefined {
     return this.#state;
   }
 
@@ -122,7 +114,7 @@ export class TunnelService extends EventEmitter<Events> {
         return false;
       }
       // Connect from P first, then listen on P: the reverse order fails with
-      // EADDRINUSE on Linux (NATLAB-NOTES Q3).
+      // EADDRINUSE on Linux (docs/NAT.md, "One port for two jobs").
       const server = net.createServer({ noDelay: true, pauseOnConnect: false, allowHalfOpen: true });
       server.on("connection", (socket) => this.#onConnection(socket));
       server.on("error", (err) => this.#log.warn(`tunnel service: ${err.message}`));
@@ -132,7 +124,7 @@ export class TunnelService extends EventEmitter<Events> {
       this.#port = link.localPort;
       this.#failures = 0;
       this.#lastError = undefined;
-      const state: TunnelState = { localPort: link.localPort, publicAddress: link.publicAddress, localAddress: link.localAddress, reporter, since: new Date() };
+      const state: NatMapping = { localPort: link.localPort, publicAddress: link.publicAddress, localAddress: link.localAddress, reporter, since: new Date() };
       this.#state = state;
       link.on("packet", () => {
         this.#touch();
@@ -176,38 +168,10 @@ export class TunnelService extends EventEmitter<Events> {
   }
 
   #onConnection(raw: net.Socket): void {
+    // Any connection to P counts as a packet for the idle timer: the NAT
+    // mapping carried it in.
     this.#touch();
-    this.#sockets.add(raw);
-    raw.on("error", () => {});
-    // Until the session is matched, a connection is held only this long: a
-    // peer that connects and says nothing does not keep a slot.
-    raw.setTimeout(this.#config.connect_timeout, () => raw.destroy());
-    const peer = formatHostPort(raw.remoteAddress ?? "?", raw.remotePort ?? 0);
-    // The TLS socket takes allowHalfOpen from `raw` (the listener's option).
-    const secure = tls.connect({ socket: raw, ...tlsClientOptions(this.#trust) });
-    this.#sockets.add(secure);
-    const drop = (why: string) => {
-      this.#log.debug(`tunnel service: dropped connection from ${peer}: ${why}`);
-      secure.destroy();
-      raw.destroy();
-    };
-    secure.on("error", (err: NodeJS.ErrnoException) => drop(`TLS: ${err.code ?? err.message}`));
-    secure.once("secureConnect", () => {
-      const refused = verifyPeer(secure, this.#trust);
-      if (refused) {
-        this.#log.warn(`tunnel service: refused a connect-back from ${peer}: ${refused.message}`);
-        drop(refused.code);
-        return;
-      }
-      readMessage(secure)
-        .then((msg) => {
-          // Throws for any other message type or size: dropped below.
-          const id = sessionIdOf(msg);
-          if (!this.#sessions.deliver(id, secure)) drop(`unknown or expired session ${id}`);
-          else raw.setTimeout(0);
-        })
-        .catch((err: Error) => drop(err.message));
-    });
+    this.#accept(raw);
   }
 
   #touch(): void {

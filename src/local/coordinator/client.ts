@@ -2,10 +2,10 @@ import https from "node:https";
 import type { Duplex } from "node:stream";
 import tls from "node:tls";
 import axios, { type AxiosInstance } from "axios";
-import type { HostPort } from "../address.ts";
-import { NatproxyError, isErrorCode } from "../errors.ts";
-import { destroyIdleSockets } from "../sockets.ts";
-import { handshakeError, tlsClientOptions, verifyPeer, type Trust } from "../tls/trust.ts";
+import type { HostPort } from "../../address.ts";
+import { NatproxyError, isErrorCode } from "../../errors.ts";
+import { destroyIdleSockets } from "../../sockets.ts";
+import { handshakeError, tlsClientOptions, verifyPeer, type Trust } from "../../tls/trust.ts";
 
 /**
  * Keep-alive HTTPS agent whose connections are handed to the HTTP client only

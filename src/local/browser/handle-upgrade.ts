@@ -1,6 +1,6 @@
 import type { IncomingMessage } from "node:http";
 import type { Duplex } from "node:stream";
-import { NatproxyError } from "../errors.ts";
+import { NatproxyError } from "../../errors.ts";
 import { clientOf, type HandlerContext } from "./context.ts";
 import { PROXY_AUTH_CHALLENGE } from "./proxy-auth.ts";
 import { toProxyError, writeRawError } from "./respond.ts";

@@ -1,6 +1,6 @@
 import http, { type IncomingMessage, type ServerResponse } from "node:http";
-import { NatproxyError } from "../errors.ts";
-import { formatSession } from "../request-log.ts";
+import { NatproxyError } from "../../errors.ts";
+import { formatSession } from "../../request-log.ts";
 import { clientOf, type HandlerContext } from "./context.ts";
 import { endToEndHeaders } from "./hop-by-hop.ts";
 import { PROXY_AUTH_CHALLENGE } from "./proxy-auth.ts";

@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import type { TLSSocket } from "node:tls";
 import { test } from "node:test";
 import { NatproxyError } from "../src/errors.ts";
-import { SessionTable } from "../src/local/sessions.ts";
+import { SessionTable } from "../src/local/tunnel/connect-back.ts";
 
 const fakeSocket = {} as TLSSocket;
 

@@ -1,16 +1,25 @@
 import type tls from "node:tls";
-import type { HostPort } from "../address.ts";
-import { NatproxyError } from "../errors.ts";
-import { encodeOpen } from "../wire.ts";
+import type { HostPort } from "../../address.ts";
+import { NatproxyError } from "../../errors.ts";
+import { encodeOpen, readResult } from "../../protocol/wire.ts";
 import type { EarlyBytes } from "./early-bytes.ts";
-import { readResult, type OutboundTunnel } from "./outbound.ts";
+
+/** A connection a dialer made, on either path, with the bytes its set-up cost (for the session's byte counts). */
+export interface DialedConnection {
+  socket: tls.TLSSocket;
+  /** Cleartext bytes read before the first target byte (101 head and Result). */
+  overhead: number;
+  /** Cleartext bytes written before the first byte for the target (request head and Open). */
+  sentOverhead: number;
+  targetAddress?: string;
+}
 
 /** How a pool gets its connections: outbound (OutboundDialer) or connect-back (ConnectBackDialer). */
 export interface ReadyDialer {
   /** A connection that waits for an Open message. */
-  upgrade(): Promise<OutboundTunnel>;
+  upgrade(): Promise<DialedConnection>;
   /** A tunnel for one session, made from scratch (the pool's fallback). */
-  open(session: string, target: HostPort, signal?: AbortSignal, early?: EarlyBytes): Promise<OutboundTunnel>;
+  open(session: string, target: HostPort, signal?: AbortSignal, early?: EarlyBytes): Promise<DialedConnection>;
 }
 
 interface Ready {
@@ -62,7 +71,7 @@ export class ReadyPool {
     return this.#ready.length;
   }
 
-  async open(session: string, target: HostPort, signal?: AbortSignal, early?: EarlyBytes): Promise<OutboundTunnel> {
+  async open(session: string, target: HostPort, signal?: AbortSignal, early?: EarlyBytes): Promise<DialedConnection> {
     const ready = this.#take();
     this.#fill();
     if (!ready) return this.#dialer.open(session, target, signal, early);
@@ -71,7 +80,7 @@ export class ReadyPool {
       let fresh: "idle" | "running" = "idle";
       // The winner stays attached to `early` until the caller stops it, so no
       // browser byte can fall between the Result and the bridge.
-      const win = (t: OutboundTunnel) => {
+      const win = (t: DialedConnection) => {
         if (settled) {
           early?.detach(t.socket);
           t.socket.destroy();
@@ -105,7 +114,7 @@ export class ReadyPool {
         );
       };
       const hedge = setTimeout(startFresh, this.#opts.grace);
-      const onAbort = () => lose(new NatproxyError("BAD_REQUEST", "the browser went away"));
+      const onAbort = () => lose(new NatproxyError("CLIENT_GONE", "the browser went away"));
       signal?.addEventListener("abort", onAbort, { once: true });
       const open = encodeOpen({ session, target });
       ready.socket.write(open);

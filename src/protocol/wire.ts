@@ -1,4 +1,5 @@
 import type { Duplex } from "node:stream";
+import { NatproxyError, isErrorCode, type ErrorCode } from "../errors.ts";
 import { parse as uuidParse, stringify as uuidStringify, validate as uuidValidate, version as uuidVersion } from "uuid";
 
 // The one table of messages that travel inside a tunnel connection, before
@@ -28,7 +29,7 @@ export interface WireMessage {
 }
 
 export class WireError extends Error {
-  readonly code = "WIRE_PROTOCOL";
+  readonly code: ErrorCode = "WIRE_PROTOCOL";
 }
 
 export function encodeMessage(type: MessageType, payload: Buffer): Buffer {
@@ -188,4 +189,19 @@ export function readMessage(stream: Duplex): Promise<WireMessage> {
     },
     () => new WireError("the connection closed before its first message"),
   );
+}
+
+/**
+ * Reads the coordinator's Result message (after an Open, or after the session
+ * id on a connect-back); anything but OK becomes the error it names.
+ */
+export async function readResult(stream: Duplex): Promise<{ msg: WireMessage; result: OpenResult }> {
+  const msg = await readMessage(stream);
+  const result = resultOf(msg);
+  if (result.code !== "OK") {
+    const e = new NatproxyError(isErrorCode(result.code) ? result.code : "COORDINATOR_REFUSED");
+    if (result.message) e.message = result.message;
+    throw e;
+  }
+  return { msg, result };
 }

@@ -1,9 +1,11 @@
+import type { ConsolaInstance } from "consola";
 import type { LocalConfig } from "../config.ts";
 import { SocketRegistry } from "../sockets.ts";
 import { makeTrust, type Trust } from "../tls/trust.ts";
-import { makeCoordinatorClient, type CoordinatorClient } from "./coordinator-client.ts";
-import { OutboundDialer } from "./outbound.ts";
-import { SessionTable } from "./sessions.ts";
+import { makeCoordinatorClient, type CoordinatorClient } from "./coordinator/client.ts";
+import { OutboundDialer } from "./tunnel/outbound.ts";
+import { acceptConnectBack, SessionTable } from "./tunnel/connect-back.ts";
+import { MappingService } from "./nat/mapping-service.ts";
 
 export interface LocalParts {
   /** The coordinator's host as the URL names it, without IPv6 brackets. */
@@ -30,4 +32,11 @@ export function localParts(config: LocalConfig): LocalParts {
     sessions: new SessionTable(),
     sockets: new SocketRegistry(),
   };
+}
+
+/** The start-up workflow, with the connect-back acceptor on its tunnel port. */
+export function mappingServiceFor(config: LocalConfig, parts: LocalParts, log: ConsolaInstance): MappingService {
+  const { trust, sessions, sockets } = parts;
+  const accept = (socket: import("node:net").Socket) => acceptConnectBack(socket, { trust, sessions, sockets, timeout: config.connect_timeout, log });
+  return new MappingService({ config, accept, log });
 }

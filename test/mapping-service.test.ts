@@ -2,8 +2,8 @@ import assert from "node:assert/strict";
 import { once } from "node:events";
 import { describe, test } from "node:test";
 import { resolveConfig } from "../src/config.ts";
-import { startReporter } from "../src/reporter.ts";
-import type { TunnelState } from "../src/local/tunnel-service.ts";
+import { startReporter } from "../src/reporter/index.ts";
+import type { NatMapping } from "../src/local/nat/mapping-service.ts";
 import { connectThrough, proxiedRequest } from "./helpers/client.ts";
 import { testPki } from "./helpers/pki.ts";
 import { startLocalFor, startStack, startTestCoordinator } from "./helpers/stack.ts";
@@ -23,10 +23,10 @@ describe("tunnel service liveness", () => {
     const stack = await startStack({ reporter: { nat_keep_alive_interval: 60_000 }, local: { tunnel_idle_timeout: 300, nat_keep_alive_interval: 60_000 } });
     const web = await startHttpTarget();
     try {
-      const first = stack.local.tunnel() as TunnelState;
-      const [err] = (await once(stack.local.tunnelService, "down")) as [Error];
+      const first = stack.local.mapping() as NatMapping;
+      const [err] = (await once(stack.local.mappingService, "down")) as [Error];
       assert.match(err.message, /nothing received for 300 ms/);
-      const [again] = (await once(stack.local.tunnelService, "ready")) as [TunnelState];
+      const [again] = (await once(stack.local.mappingService, "ready")) as [NatMapping];
       assert.equal(again.localPort, first.localPort, "P is kept across restarts");
       assert.notEqual(again, first);
       const r = await proxiedRequest(stack.proxyPort, `http://127.0.0.1:${web.port}/after-idle`);
@@ -45,12 +45,12 @@ describe("tunnel service liveness", () => {
     const web = await startHttpTarget();
     let reporter: Awaited<ReturnType<typeof startReporter>> | undefined;
     try {
-      assert.equal(local.tunnel(), undefined);
-      assert.match(local.tunnelService.lastError?.message ?? "", /ECONNREFUSED/);
+      assert.equal(local.mapping(), undefined);
+      assert.match(local.mappingService.lastError?.message ?? "", /ECONNREFUSED/);
       const refused = await connectThrough(local.proxyAddress.port, `127.0.0.1:${web.port}`);
       assert.equal(refused.status, 503);
       assert.equal(refused.headers["x-natproxy-error"], "TUNNEL_NOT_READY");
-      const ready = once(local.tunnelService, "ready");
+      const ready = once(local.mappingService, "ready");
       reporter = await startReporter(reporterConfig(reporterPort));
       await ready;
       const ok = await proxiedRequest(local.proxyAddress.port, `http://127.0.0.1:${web.port}/late-reporter`);
@@ -73,10 +73,10 @@ describe("tunnel service liveness", () => {
       // A tunnel opened before the restart must outlive it.
       const live = await connectThrough(stack.proxyPort, `127.0.0.1:${web.port}`);
       assert.equal(live.status, 200);
-      const down = once(stack.local.tunnelService, "down");
+      const down = once(stack.local.mappingService, "down");
       await stack.reporter.close();
       await down;
-      const ready = once(stack.local.tunnelService, "ready");
+      const ready = once(stack.local.mappingService, "ready");
       second = await startReporter(reporterConfig(port));
       await ready;
       const r = await proxiedRequest(stack.proxyPort, `http://127.0.0.1:${web.port}/after-restart`);

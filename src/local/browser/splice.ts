@@ -1,12 +1,12 @@
 import type { Socket } from "node:net";
 import type { Duplex } from "node:stream";
-import { formatHostPort, type HostPort } from "../address.ts";
-import { bridge, bridgeOutcome } from "../bridge.ts";
-import { formatSession } from "../request-log.ts";
+import { formatHostPort, type HostPort } from "../../address.ts";
+import { bridge, bridgeOutcome } from "../../bridge.ts";
+import { formatSession } from "../../request-log.ts";
 import type { HandlerContext } from "./context.ts";
-import { EarlyBytes } from "./early-bytes.ts";
+import { EarlyBytes } from "../tunnel/early-bytes.ts";
 import { toProxyError, writeRawError } from "./respond.ts";
-import { openTunnel, type Tunnel } from "./tunnels.ts";
+import { openTunnel, type Tunnel } from "../tunnel/opener.ts";
 
 // A TLS ClientHello is a few KiB at most; a browser then waits for the server.
 const EARLY_LIMIT = 64 * 1024;

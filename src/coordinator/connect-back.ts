@@ -1,14 +1,20 @@
-import type tls from "node:tls";
+// The connect-back path on the coordinator, all of it: the connection to the
+// local proxy's public address P' with this side as the TLS server
+// (connectBack), and the three reasons to open one: a session (openSession,
+// the specification's workflow), a ready connect-back that waits for an Open
+// (openReady), and the local proxy's start-up probe (answerProbe).
+import net from "node:net";
+import tls from "node:tls";
 import type { ConsolaInstance } from "consola";
 import { bridge, bridgeOutcome } from "../bridge.ts";
 import { formatHostPort, type HostPort } from "../address.ts";
 import { NatproxyError } from "../errors.ts";
 import { formatSession } from "../request-log.ts";
 import type { SocketRegistry } from "../sockets.ts";
-import type { TargetPolicy } from "../target-policy.ts";
+import type { TargetPolicy } from "./target-policy.ts";
 import type { SessionLimits } from "./limits.ts";
-import { encodeResult, encodeSession } from "../wire.ts";
-import { connectBack, dialTarget } from "./dial.ts";
+import { encodeResult, encodeSession } from "../protocol/wire.ts";
+import { dialTarget } from "./dial.ts";
 
 export interface SessionRequest {
   /** Index of the token that authenticated the request (for per-token limits). */
@@ -28,6 +34,8 @@ export interface SessionContext {
   policy: TargetPolicy;
   limits: SessionLimits;
   sockets: SocketRegistry;
+  /** Aborted by the coordinator's close(): a probe or ready connect-back still being dialled stops at once. */
+  shutdown: AbortSignal;
   log: ConsolaInstance;
 }
 
@@ -58,6 +66,12 @@ export async function openSession(req: SessionRequest, ctx: SessionContext): Pro
   // reported as soon as it is known, not after the other leg's timeout.
   const cancelBack = new AbortController();
   const cancelTarget = new AbortController();
+  const onShutdown = () => {
+    cancelBack.abort(ctx.shutdown.reason);
+    cancelTarget.abort(ctx.shutdown.reason);
+  };
+  ctx.shutdown.addEventListener("abort", onShutdown, { once: true });
+  const unhook = () => ctx.shutdown.removeEventListener("abort", onShutdown);
   let back: tls.TLSSocket | undefined;
   const targetLeg = dialTarget(req.target, ctx.connectTimeout, ctx.policy, cancelTarget.signal).catch((err: NatproxyError) => {
     if (!back) cancelBack.abort(err);
@@ -69,6 +83,7 @@ export async function openSession(req: SessionRequest, ctx: SessionContext): Pro
     const e = err as NatproxyError;
     cancelTarget.abort(e);
     void targetLeg.then((s) => s.destroy(), () => {});
+    unhook();
     release();
     record(e.code ?? "ERROR", 0, 0, e.message);
     throw e;
@@ -82,10 +97,12 @@ export async function openSession(req: SessionRequest, ctx: SessionContext): Pro
     back.end(encodeResult({ code: e.code, message: e.message }));
     // The local proxy closes on reading it; one that does not is not waited for.
     back.setTimeout(ctx.finTimeout, () => back.destroy());
+    unhook();
     release();
     record(e.code ?? "ERROR", 0, 0, e.message);
     throw e;
   }
+  unhook();
   const targetAddress = formatHostPort(targetSocket.remoteAddress ?? "?", targetSocket.remotePort ?? 0);
   back.write(encodeResult({ code: "OK", target_address: targetAddress }));
   void bridge(back, targetSocket, { idle: ctx.idleTimeout, fin: ctx.finTimeout }).then((stats) => {
@@ -113,7 +130,7 @@ export async function openReady(req: ReadyRequest, ctx: SessionContext, hold: (s
   const started = performance.now();
   let back: tls.TLSSocket;
   try {
-    back = await connectBack(req.reply, ctx.secureContext, ctx.connectTimeout, ctx.handshakeTimeout, new AbortController().signal);
+    back = await connectBack(req.reply, ctx.secureContext, ctx.connectTimeout, ctx.handshakeTimeout, ctx.shutdown);
   } catch (err) {
     const e = err as NatproxyError;
     ctx.log.debug(`ready connect-back ${req.ready} from ${req.client} failed: ${e.message}`);
@@ -136,12 +153,12 @@ export interface ProbeRequest {
  * the probe id and nothing else. Resolves once the id went out over TLS; the
  * local proxy then knows whether a connect-back gets through its NAT.
  */
-export async function probeConnectBack(req: ProbeRequest, ctx: SessionContext): Promise<{ ms: number }> {
+export async function answerProbe(req: ProbeRequest, ctx: SessionContext): Promise<{ ms: number }> {
   const started = performance.now();
   const reply = formatHostPort(req.reply.host, req.reply.port);
   let back: tls.TLSSocket;
   try {
-    back = await connectBack(req.reply, ctx.secureContext, ctx.connectTimeout, ctx.handshakeTimeout, new AbortController().signal);
+    back = await connectBack(req.reply, ctx.secureContext, ctx.connectTimeout, ctx.handshakeTimeout, ctx.shutdown);
   } catch (err) {
     const e = err as NatproxyError;
     ctx.log.info(`probe ${req.probe} from ${req.client}: connect-back to ${reply} failed: ${e.message}`);
@@ -156,4 +173,50 @@ export async function probeConnectBack(req: ProbeRequest, ctx: SessionContext): 
   const ms = Math.round(performance.now() - started);
   ctx.log.info(`probe ${req.probe} from ${req.client}: connect-back to ${reply} works (${ms} ms)`);
   return { ms };
+}
+
+/**
+ * Opens the connect-back to the local proxy's public address and runs TLS on
+ * it with this side as the server, so the local proxy verifies the same
+ * certificate it trusts on the HTTPS API. Nothing is sent before the local
+ * proxy's ClientHello arrives: a service that is not a natproxy never receives
+ * a byte from us.
+ */
+export function connectBack(reply: HostPort, secureContext: tls.SecureContext, connectTimeout: number, handshakeTimeout: number, signal: AbortSignal): Promise<tls.TLSSocket> {
+  const name = formatHostPort(reply.host, reply.port);
+  return new Promise((resolve, reject) => {
+    const raw = net.connect({ host: reply.host, port: reply.port, noDelay: true, allowHalfOpen: true });
+    let secure: tls.TLSSocket | undefined;
+    let timer = setTimeout(() => fail(new NatproxyError("CONNECT_BACK_TIMEOUT", `${name}: TCP connect timed out`)), connectTimeout);
+    const fail = (err: NatproxyError) => {
+      clearTimeout(timer);
+      signal.removeEventListener("abort", onAbort);
+      raw.destroy();
+      secure?.destroy();
+      reject(err);
+    };
+    const onAbort = () => fail(signal.reason as NatproxyError);
+    signal.addEventListener("abort", onAbort, { once: true });
+    const onRawError = (err: NodeJS.ErrnoException) => fail(new NatproxyError("CONNECT_BACK_FAILED", `${name}: ${err.code ?? err.message}`, { cause: err }));
+    raw.on("error", onRawError);
+    raw.once("connect", () => {
+      clearTimeout(timer);
+      timer = setTimeout(() => fail(new NatproxyError("CONNECT_BACK_TIMEOUT", `${name}: TLS handshake timed out`)), handshakeTimeout);
+      const s = new tls.TLSSocket(raw, { isServer: true, secureContext, requestCert: false });
+      secure = s;
+      const onTlsError = (err: NodeJS.ErrnoException) =>
+        fail(new NatproxyError("CONNECT_BACK_FAILED", `${name}: TLS handshake failed (${err.code ?? err.message})`, { cause: err }));
+      s.on("error", onTlsError);
+      s.once("secure", () => {
+        clearTimeout(timer);
+        signal.removeEventListener("abort", onAbort);
+        s.off("error", onTlsError);
+        raw.off("error", onRawError);
+        // The bridge installs its own handlers; until then a late error must not crash us.
+        s.on("error", () => {});
+        raw.on("error", () => {});
+        resolve(s);
+      });
+    });
+  });
 }

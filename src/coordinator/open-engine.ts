@@ -1,23 +1,24 @@
-import type { IncomingMessage } from "node:http";
+// The engine both tunnel paths share on the coordinator: a connection that is
+// ready for a tunnel (an upgraded outbound connection, or a ready
+// connect-back) waits for its Open, the target is dialled, the Result goes
+// back, and the two are bridged until either side ends.
 import type { Socket } from "node:net";
 import type { Duplex } from "node:stream";
 import type { ConsolaInstance } from "consola";
 import { formatHostPort } from "../address.ts";
 import { bridge, bridgeOutcome } from "../bridge.ts";
 import { NatproxyError } from "../errors.ts";
-import type { CallerOf } from "../proxy-header.ts";
+import type { CallerOf } from "./proxy-header.ts";
 import { formatSession } from "../request-log.ts";
-import { closeWith, closeWithResponse, type SocketRegistry } from "../sockets.ts";
-import type { TargetPolicy } from "../target-policy.ts";
-import { encodeResult, isSessionId, openOf, readMessage, type OpenRequest } from "../wire.ts";
-import { API, checkHostPort } from "./api.ts";
+import { closeWith, type SocketRegistry } from "../sockets.ts";
+import type { TargetPolicy } from "./target-policy.ts";
+import { encodeResult, isSessionId, openOf, readMessage, type OpenRequest } from "../protocol/wire.ts";
+import { checkHostPort } from "./api.ts";
 import type { SessionLimits } from "./limits.ts";
 import { dialTarget } from "./dial.ts";
 
-/** The Upgrade token of the outbound path (PROTOCOL.md §4). */
-export const TUNNEL_PROTOCOL = "natproxy-tunnel/1";
-
-export interface OutboundContext {
+/** What the engine needs: shared by the outbound path's Upgrade handler and ready connect-backs. */
+export interface EngineContext {
   checkToken(authorization: string | undefined): number | undefined;
   /** The caller's address: the TCP peer, or the one a PROXY header named. */
   callerOf: CallerOf;
@@ -37,54 +38,11 @@ export interface OutboundContext {
 }
 
 /**
- * The outbound path: a local proxy whose NAT lets no connect-back in dials the
- * coordinator's HTTPS port itself, upgrades the connection, and names its
- * target in an Open message. From then on the connection is bridged to the
- * target exactly as a connect-back would be.
- */
-export function upgradeHandler(ctx: OutboundContext) {
-  return (req: IncomingMessage, socket: Duplex, head: Buffer): void => {
-    ctx.sockets.add(socket);
-    socket.on("error", () => {});
-    const caller = ctx.callerOf(req.socket);
-    const client = formatHostPort(caller.host, caller.port);
-    const path = (req.url ?? "").split("?")[0];
-    // As on the API: nothing but 401 for a peer without a valid token.
-    const token = ctx.checkToken(req.headers.authorization);
-    if (token === undefined) {
-      refuse(socket, new NatproxyError("UNAUTHORIZED"), { "WWW-Authenticate": 'Bearer realm="natproxy"' });
-      return;
-    }
-    if (path !== API.tunnel) {
-      refuse(socket, new NatproxyError("NOT_FOUND", `${req.method} ${path}`));
-      return;
-    }
-    if ((req.headers.upgrade ?? "").toLowerCase() !== TUNNEL_PROTOCOL) {
-      refuse(socket, new NatproxyError("BAD_REQUEST", `expected Upgrade: ${TUNNEL_PROTOCOL}`));
-      return;
-    }
-    // A connection kept ready (no Open yet) holds a place among the ready
-    // ones; one whose Open came in the same flight goes straight to the
-    // session limits.
-    let ready: () => void = () => {};
-    try {
-      if (head.length === 0) ready = ctx.readyLimits.acquire(token);
-    } catch (err) {
-      refuse(socket, err as NatproxyError);
-      return;
-    }
-    socket.write(`HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: ${TUNNEL_PROTOCOL}\r\n\r\n`);
-    if (head.length) socket.unshift(head);
-    awaitOpen(ctx, socket, token, client, "outbound", ready);
-  };
-}
-
-/**
  * A connection that is ready for a tunnel (upgraded, or a ready connect-back)
  * waits for its Open message, within openTimeout and holding no session slot
  * until it arrives; then the target is dialled and the connection bridged.
  */
-export function awaitOpen(ctx: OutboundContext, socket: Duplex, token: number, client: string, path: "outbound" | "connect-back", releaseReady: () => void): void {
+export function awaitOpen(ctx: EngineContext, socket: Duplex, token: number, client: string, path: "outbound" | "connect-back", releaseReady: () => void): void {
   (socket as Socket).setTimeout(ctx.openTimeout, () => socket.destroy());
   ctx.waiting.add(socket);
   const notWaiting = () => {
@@ -127,11 +85,11 @@ export function awaitOpen(ctx: OutboundContext, socket: Duplex, token: number, c
   }
 }
 
-async function serve(ctx: OutboundContext, socket: Duplex, open: OpenRequest, client: string, path: "outbound" | "connect-back"): Promise<void> {
+async function serve(ctx: EngineContext, socket: Duplex, open: OpenRequest, client: string, path: "outbound" | "connect-back"): Promise<void> {
   const started = performance.now();
   const target = formatHostPort(open.target.host, open.target.port);
   const gone = new AbortController();
-  const onGone = () => gone.abort(new NatproxyError("BAD_REQUEST", "the local proxy went away"));
+  const onGone = () => gone.abort(new NatproxyError("CLIENT_GONE", "the local proxy went away"));
   socket.once("close", onGone);
   const record = (outcome: string, up: number, down: number, detail?: string) =>
     ctx.log.info(formatSession({ session: open.session, client, target, path, outcome, up, down, ms: Math.round(performance.now() - started), detail }));
@@ -151,8 +109,4 @@ async function serve(ctx: OutboundContext, socket: Duplex, open: OpenRequest, cl
   socket.write(encodeResult({ code: "OK", target_address: formatHostPort(targetSocket.remoteAddress ?? "?", targetSocket.remotePort ?? 0) }));
   const stats = await bridge(socket, targetSocket, { idle: ctx.idleTimeout, fin: ctx.finTimeout });
   record(bridgeOutcome(stats, "local", "target"), stats.aToB, stats.bToA, stats.error?.err.message);
-}
-
-function refuse(socket: Duplex, e: NatproxyError, headers: Record<string, string> = {}): void {
-  closeWithResponse(socket, e.status, { "Content-Type": "application/json", ...headers }, JSON.stringify({ error: { code: e.code, message: e.message } }));
 }

@@ -1,14 +1,15 @@
 import type { IncomingMessage } from "node:http";
 import type { ConsolaInstance } from "consola";
-import type { BridgeTimeouts } from "../bridge.ts";
-import type { SocketRegistry } from "../sockets.ts";
-import type { TunnelAgent, TunnelOpenerOptions } from "./tunnels.ts";
+import type { BridgeTimeouts } from "../../bridge.ts";
+import type { SocketRegistry } from "../../sockets.ts";
+import type { PlainHttpAgent } from "../tunnel/http-agent.ts";
+import type { TunnelOpenerOptions } from "../tunnel/opener.ts";
 
 /** What every browser-facing handler needs; built once by startLocal. */
 export interface HandlerContext {
   authorize(req: IncomingMessage): boolean;
   tunnels: TunnelOpenerOptions;
-  agent: TunnelAgent;
+  agent: PlainHttpAgent;
   sockets: SocketRegistry;
   log: ConsolaInstance;
   bridgeTimeouts: BridgeTimeouts;

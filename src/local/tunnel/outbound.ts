@@ -1,13 +1,14 @@
 import type { Duplex } from "node:stream";
 import tls from "node:tls";
-import type { HostPort } from "../address.ts";
-import { NatproxyError, isErrorCode } from "../errors.ts";
-import { handshakeError, tlsClientOptions, verifyPeer, type Trust } from "../tls/trust.ts";
-import { encodeOpen, readFramed, readMessage, resultOf, type OpenResult, type WireMessage } from "../wire.ts";
-import { responseError } from "./coordinator-client.ts";
+import type { HostPort } from "../../address.ts";
+import { NatproxyError } from "../../errors.ts";
+import { handshakeError, tlsClientOptions, verifyPeer, type Trust } from "../../tls/trust.ts";
+import { API, TUNNEL_PROTOCOL } from "../../protocol/api.ts";
+import { encodeOpen, readFramed, readResult } from "../../protocol/wire.ts";
+import { responseError } from "../coordinator/client.ts";
 import type { EarlyBytes } from "./early-bytes.ts";
+import type { DialedConnection } from "./ready-pool.ts";
 
-const TUNNEL_PROTOCOL = "natproxy-tunnel/1";
 // A 101 head is tiny; an error answer is a short JSON document.
 const MAX_HEAD = 8 * 1024;
 const MAX_ERROR_BODY = 16 * 1024;
@@ -18,15 +19,6 @@ export interface OutboundOptions {
   trust: Trust;
   /** TCP + TLS + the coordinator's answer (which includes dialling the target). */
   timeout: number;
-}
-
-export interface OutboundTunnel {
-  socket: tls.TLSSocket;
-  /** Cleartext bytes read before the first target byte (101 head and Result). */
-  overhead: number;
-  /** Cleartext bytes written before the first byte for the target (request head and Open). */
-  sentOverhead: number;
-  targetAddress?: string;
 }
 
 /**
@@ -45,7 +37,7 @@ export class OutboundDialer {
   }
 
   /** With `early`, the browser's first bytes follow the Open at once, before the Result (an optimistic CONNECT). */
-  open(session: string, target: HostPort, signal?: AbortSignal, early?: EarlyBytes): Promise<OutboundTunnel> {
+  open(session: string, target: HostPort, signal?: AbortSignal, early?: EarlyBytes): Promise<DialedConnection> {
     return this.#dial({ session, target }, signal, early);
   }
 
@@ -56,11 +48,11 @@ export class OutboundDialer {
   }
 
   /** A connection upgraded and waiting for its Open (for the pool of ready connections). */
-  upgrade(): Promise<OutboundTunnel> {
+  upgrade(): Promise<DialedConnection> {
     return this.#dial(undefined);
   }
 
-  #dial(open: { session: string; target: HostPort } | undefined, signal?: AbortSignal, early?: EarlyBytes): Promise<OutboundTunnel> {
+  #dial(open: { session: string; target: HostPort } | undefined, signal?: AbortSignal, early?: EarlyBytes): Promise<DialedConnection> {
     const { url, token, trust, timeout } = this.#opts;
     const port = Number(url.port || 443);
     return new Promise((resolve, reject) => {
@@ -76,7 +68,7 @@ export class OutboundDialer {
       });
       let done = false;
       const timer = setTimeout(() => fail(new NatproxyError("COORDINATOR_UNREACHABLE", `outbound tunnel: no answer within ${timeout} ms`)), timeout);
-      const onAbort = () => fail(signal?.reason instanceof NatproxyError ? signal.reason : new NatproxyError("BAD_REQUEST", "the browser went away"));
+      const onAbort = () => fail(signal?.reason instanceof NatproxyError ? signal.reason : new NatproxyError("CLIENT_GONE", "the browser went away"));
       signal?.addEventListener("abort", onAbort, { once: true });
       const finish = () => {
         done = true;
@@ -103,7 +95,7 @@ export class OutboundDialer {
         // Request and Open in one write: the coordinator reads the Open from
         // the bytes after the head and starts dialling the target at once.
         const head =
-          `GET /v1/tunnel HTTP/1.1\r\nHost: ${url.host}\r\nAuthorization: Bearer ${token}\r\n` + `Connection: Upgrade\r\nUpgrade: ${TUNNEL_PROTOCOL}\r\nUser-Agent: natproxy\r\n\r\n`;
+          `GET ${API.tunnel} HTTP/1.1\r\nHost: ${url.host}\r\nAuthorization: Bearer ${token}\r\n` + `Connection: Upgrade\r\nUpgrade: ${TUNNEL_PROTOCOL}\r\nUser-Agent: natproxy\r\n\r\n`;
         const first = open ? Buffer.concat([Buffer.from(head, "latin1"), encodeOpen(open)]) : Buffer.from(head, "latin1");
         socket.write(first);
         if (open) early?.attach(socket);
@@ -137,21 +129,6 @@ export class OutboundDialer {
       });
     });
   }
-}
-
-/**
- * Reads the coordinator's Result message (after an Open, or after the session
- * id on a connect-back); anything but OK becomes the error it names.
- */
-export async function readResult(stream: Duplex): Promise<{ msg: WireMessage; result: OpenResult }> {
-  const msg = await readMessage(stream);
-  const result = resultOf(msg);
-  if (result.code !== "OK") {
-    const e = new NatproxyError(isErrorCode(result.code) ? result.code : "COORDINATOR_REFUSED");
-    if (result.message) e.message = result.message;
-    throw e;
-  }
-  return { msg, result };
 }
 
 interface ResponseHead {
