@@ -114,7 +114,7 @@ export class MappingService extends EventEmitter<Events> {
         return false;
       }
       // Connect from P first, then listen on P: the reverse order fails with
-      // EADDRINUSE on Linux (docs/NAT.md, "One port for two jobs").
+      // EADDRINUSE on Linux (docs/NAT.md, "One port for an outbound connection and a listener").
       const server = net.createServer({ noDelay: true, pauseOnConnect: false, allowHalfOpen: true });
       server.on("connection", (socket) => this.#onConnection(socket));
       server.on("error", (err) => this.#log.warn(`tunnel service: ${err.message}`));

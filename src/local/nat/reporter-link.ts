@@ -19,7 +19,7 @@ import { SOFTWARE } from "../../version.ts";
 
 // The local proxy's side of the reporter connection. Connecting FROM the port
 // the tunnel service will listen on is what creates the NAT mapping the
-// coordinator later connects back through (NATLAB-NOTES Q3: connect first,
+// coordinator later connects back through (docs/NAT.md, "One port for an outbound connection and a listener": connect first,
 // then listen on the same port). The connection is then kept busy in both
 // directions: the reporter's indications are answered, and when the reporter
 // is a plain STUN server that never speaks first (coturn), our own Binding
