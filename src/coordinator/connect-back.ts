@@ -15,6 +15,7 @@ import type { TargetPolicy } from "./target-policy.ts";
 import type { SessionLimits } from "./limits.ts";
 import { encodeResult, encodeSession } from "../protocol/wire.ts";
 import { dialTarget } from "./dial.ts";
+import { both } from "../hedge.ts";
 
 export interface SessionRequest {
   /** Index of the token that authenticated the request (for per-token limits). */
@@ -64,45 +65,35 @@ export async function openSession(req: SessionRequest, ctx: SessionContext): Pro
   // A connect-back that fails cancels the target; a target that fails before
   // the connect-back is up cancels the connect-back. Either way the error is
   // reported as soon as it is known, not after the other leg's timeout.
-  const cancelBack = new AbortController();
-  const cancelTarget = new AbortController();
-  const onShutdown = () => {
-    cancelBack.abort(ctx.shutdown.reason);
-    cancelTarget.abort(ctx.shutdown.reason);
-  };
-  ctx.shutdown.addEventListener("abort", onShutdown, { once: true });
-  const unhook = () => ctx.shutdown.removeEventListener("abort", onShutdown);
-  let back: tls.TLSSocket | undefined;
-  const targetLeg = dialTarget(req.target, ctx.connectTimeout, ctx.policy, cancelTarget.signal).catch((err: NatproxyError) => {
-    if (!back) cancelBack.abort(err);
-    throw err;
-  });
+  let legs: [tls.TLSSocket, net.Socket];
   try {
-    back = ctx.sockets.add(await connectBack(req.reply, ctx.secureContext, ctx.connectTimeout, ctx.handshakeTimeout, cancelBack.signal));
+    legs = await both(
+      {
+        attempt: (signal) =>
+          connectBack(req.reply, ctx.secureContext, ctx.connectTimeout, ctx.handshakeTimeout, signal).then((back) => {
+            ctx.sockets.add(back);
+            back.write(encodeSession(req.session));
+            return back;
+          }),
+        // A connect-back that is up hears why its target failed.
+        release: (back, err) => {
+          const e = err as NatproxyError;
+          back.end(encodeResult({ code: e.code, message: e.message }));
+          // The local proxy closes on reading it; one that does not is not waited for.
+          back.setTimeout(ctx.finTimeout, () => back.destroy());
+        },
+      },
+      { attempt: (signal) => dialTarget(req.target, ctx.connectTimeout, ctx.policy, signal), release: (target) => target.destroy() },
+      ctx.shutdown,
+    );
   } catch (err) {
     const e = err as NatproxyError;
-    cancelTarget.abort(e);
-    void targetLeg.then((s) => s.destroy(), () => {});
-    unhook();
     release();
     record(e.code ?? "ERROR", 0, 0, e.message);
     throw e;
   }
-  back.write(encodeSession(req.session));
-  let targetSocket;
-  try {
-    targetSocket = ctx.sockets.add(await targetLeg);
-  } catch (err) {
-    const e = err as NatproxyError;
-    back.end(encodeResult({ code: e.code, message: e.message }));
-    // The local proxy closes on reading it; one that does not is not waited for.
-    back.setTimeout(ctx.finTimeout, () => back.destroy());
-    unhook();
-    release();
-    record(e.code ?? "ERROR", 0, 0, e.message);
-    throw e;
-  }
-  unhook();
+  const [back, targetSocket] = legs;
+  ctx.sockets.add(targetSocket);
   const targetAddress = formatHostPort(targetSocket.remoteAddress ?? "?", targetSocket.remotePort ?? 0);
   back.write(encodeResult({ code: "OK", target_address: targetAddress }));
   void bridge(back, targetSocket, { idle: ctx.idleTimeout, fin: ctx.finTimeout }).then((stats) => {

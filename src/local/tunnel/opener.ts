@@ -2,10 +2,11 @@ import type { TLSSocket } from "node:tls";
 import { v4 as uuidv4 } from "uuid";
 import type { HostPort } from "../../address.ts";
 import { NatproxyError } from "../../errors.ts";
+import { hedge } from "../../hedge.ts";
 import type { SocketRegistry } from "../../sockets.ts";
 import type { EarlyBytes } from "./early-bytes.ts";
 import { isConnectBackFailure, type PathChooser, type DataPath } from "./path.ts";
-import type { ReadyDialer } from "./ready-pool.ts";
+import type { ReadyPool } from "./ready-pool.ts";
 
 export interface Tunnel {
   socket: TLSSocket;
@@ -20,9 +21,9 @@ export interface Tunnel {
 
 export interface TunnelOpenerOptions {
   /** The outbound path: the pool of ready connections, or a plain dialer. */
-  outbound: Pick<ReadyDialer, "open">;
+  outbound: Pick<ReadyPool, "open">;
   /** The connect-back path: the pool of ready connect-backs, or a plain ConnectBackDialer. */
-  connectBack: Pick<ReadyDialer, "open">;
+  connectBack: Pick<ReadyPool, "open">;
   paths: PathChooser;
   /** With `auto`: how long a connect-back may take before the outbound path is tried beside it. */
   connectBackGrace: () => number;
@@ -57,68 +58,54 @@ export async function openTunnel(opts: TunnelOpenerOptions, target: HostPort, si
 }
 
 /** One session's tunnel on one path: a ready connection from that path's pool, or one made for it. */
-async function openOn(path: DataPath, opts: TunnelOpenerOptions, target: HostPort, started: number, signal?: AbortSignal, early?: EarlyBytes): Promise<Tunnel> {
+async function openOn(path: DataPath, opts: TunnelOpenerOptions, target: HostPort, started: number, signal?: AbortSignal, early?: EarlyBytes, attempts?: 1 | 2): Promise<Tunnel> {
   const session = uuidv4();
-  const t = await (path === "outbound" ? opts.outbound : opts.connectBack).open(session, target, signal, early);
+  const t = await (path === "outbound" ? opts.outbound : opts.connectBack).open(session, target, signal, early, attempts);
   opts.sockets.add(t.socket);
   return { socket: t.socket, session, started, path, overhead: t.overhead, sentOverhead: t.sentOverhead };
 }
 
+/**
+ * Connect-back first, outbound beside it after the grace period. Each path
+ * gets one attempt in flight at a time (its pool does not hedge a pooled
+ * connection beside a fresh dial, it swaps one for the other), so one
+ * browser connection never has more than two attempts going at once. Two,
+ * because every attempt is a whole session at the coordinator (a slot
+ * against max_sessions and the token's share, a dial to the target, a NAT
+ * mapping): a hedge multiplies that load exactly when the network is
+ * failing, and for every browser connection at once. And two already buys
+ * what a hedge is for: besides the attempt that is likely stuck, one that
+ * does not share its fault (the other path); a third would go in by one of
+ * the same two ways and meet whatever stopped it.
+ */
 function openHedged(opts: TunnelOpenerOptions, target: HostPort, started: number, signal?: AbortSignal, early?: EarlyBytes): Promise<Tunnel> {
-  return new Promise((resolve, reject) => {
-    const cancelBack = new AbortController();
-    const cancelOut = new AbortController();
-    const either = (c: AbortController) => (signal ? AbortSignal.any([signal, c.signal]) : c.signal);
-    let settled = false;
-    let backError: NatproxyError | undefined;
-    let outError: unknown;
-    let outState: "idle" | "running" | "failed" = "idle";
-    const grace = opts.connectBackGrace();
-    const settle = (err: unknown, t?: Tunnel) => {
-      if (settled) {
-        t?.socket.destroy();
-        return;
-      }
-      settled = true;
-      clearTimeout(timer);
-      cancelBack.abort(new NatproxyError("CANCELLED", "another path won"));
-      cancelOut.abort(new NatproxyError("CANCELLED", "another path won"));
-      if (t) resolve(t);
-      else reject(err);
-    };
-    const startOutbound = () => {
-      if (settled || outState !== "idle") return;
-      outState = "running";
-      openOn("outbound", opts, target, started, either(cancelOut), early).then(
-        (t) => {
-          // Outbound first while the connect-back still has not come: from
-          // here on connect-back is suspect; the next probe decides again.
-          if (!backError && !settled) opts.paths.connectBackFailed(new NatproxyError("CONNECT_BACK_TIMEOUT", `none within ${grace} ms, while the outbound path answered`));
-          settle(undefined, t);
-        },
-        (err: unknown) => {
-          outState = "failed";
-          outError = err;
-          // A connect-back that failed for its own reasons has already
-          // settled with its error; one that failed as a path leaves ours.
-          if (backError) settle(err);
-        },
-      );
-    };
-    const timer = setTimeout(startOutbound, grace);
-    openOn("connect-back", opts, target, started, either(cancelBack), early).then(
-      (t) => settle(undefined, t),
-      (err: NatproxyError) => {
-        backError = err;
-        if (settled) return;
-        if (signal?.aborted) return settle(err);
-        // The target itself failed (refused, unknown, forbidden): another
-        // path would meet the same answer, so it is the browser's answer.
-        if (!isConnectBackFailure(err)) return settle(err);
-        opts.paths.connectBackFailed(err);
-        if (outState === "failed") return settle(outError);
-        startOutbound();
-      },
-    );
+  const grace = opts.connectBackGrace();
+  let backFailed = false;
+  return hedge({
+    primary: (s) =>
+      openOn("connect-back", opts, target, started, s, early, 1).catch((err: unknown) => {
+        backFailed = true;
+        // An aborted attempt (the race is over, the browser left) says
+        // nothing about the path.
+        if (!s.aborted && isConnectBackFailure(err)) opts.paths.connectBackFailed(err);
+        throw err;
+      }),
+    secondary: (s) =>
+      openOn("outbound", opts, target, started, s, early, 1).then((t) => {
+        // Outbound first while the connect-back still has not come: from
+        // here on connect-back is suspect; the next probe decides again.
+        if (!backFailed && !s.aborted) opts.paths.connectBackFailed(new NatproxyError("CONNECT_BACK_TIMEOUT", `none within ${grace} ms, while the outbound path answered`));
+        return t;
+      }),
+    delay: grace,
+    // The target itself failed (refused, unknown, forbidden): another path
+    // would meet the same answer, so it is the browser's answer. A
+    // connect-back that failed as a path leaves the answer to outbound.
+    fixable: isConnectBackFailure,
+    discard: (t) => {
+      early?.detach(t.socket);
+      t.socket.destroy();
+    },
+    signal,
   });
 }

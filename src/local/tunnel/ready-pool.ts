@@ -2,6 +2,7 @@ import type tls from "node:tls";
 import type { HostPort } from "../../address.ts";
 import { NatproxyError } from "../../errors.ts";
 import { encodeOpen, readResult } from "../../protocol/wire.ts";
+import { hedge } from "../../hedge.ts";
 import type { EarlyBytes } from "./early-bytes.ts";
 
 /** A connection a dialer made, on either path, with the bytes its set-up cost (for the session's byte counts). */
@@ -50,8 +51,8 @@ export interface PoolOptions {
  * (Open -> Result) instead of TCP + TLS + Upgrade, or instead of an API call,
  * the coordinator's TCP connect and a TLS handshake through the NAT. Filled
  * on demand: an idle proxy holds nothing for long. A pooled connection may have died silently (a NAT that
- * forgot it): if its Result is late, a fresh dial runs beside it and the
- * first tunnel up wins.
+ * forgot it): if its Result is late, a fresh dial runs beside it (or in its
+ * place, when the caller allows one attempt) and the first tunnel up wins.
  */
 export class ReadyPool {
   readonly #dialer: ReadyDialer;
@@ -71,69 +72,60 @@ export class ReadyPool {
     return this.#ready.length;
   }
 
-  async open(session: string, target: HostPort, signal?: AbortSignal, early?: EarlyBytes): Promise<DialedConnection> {
+  /**
+   * A tunnel for one session. `attempts` is how many connection attempts it
+   * may have in flight at once (see the tunnel opener): with 2, a fresh dial
+   * runs beside a pooled connection whose Result is late; with 1, it takes
+   * that connection's place.
+   */
+  async open(session: string, target: HostPort, signal?: AbortSignal, early?: EarlyBytes, attempts: 1 | 2 = 2): Promise<DialedConnection> {
     const ready = this.#take();
     this.#fill();
     if (!ready) return this.#dialer.open(session, target, signal, early);
+    return hedge({
+      primary: (s) => this.#ask(ready, session, target, s, early),
+      secondary: (s) => this.#dialer.open(session, target, s, early),
+      delay: this.#opts.grace,
+      attempts,
+      // The target's own answer (refused, forbidden...) is the answer; a
+      // dead pooled connection is not: dial afresh at once.
+      fixable: (err) => !(err instanceof NatproxyError),
+      // The fresh dial is the ground truth: if it cannot reach the
+      // coordinator, a pooled connection that has not answered by now will
+      // not either.
+      secondaryFinal: true,
+      discard: (t) => {
+        early?.detach(t.socket);
+        t.socket.destroy();
+      },
+      signal,
+    });
+  }
+
+  /**
+   * Sends the Open on a ready connection and waits for its Result. The
+   * winner stays attached to `early` until the caller stops it, so no browser
+   * byte can fall between the Result and the bridge.
+   */
+  #ask(ready: Ready, session: string, target: HostPort, signal: AbortSignal, early?: EarlyBytes): Promise<DialedConnection> {
     return new Promise((resolve, reject) => {
-      let settled = false;
-      let fresh: "idle" | "running" = "idle";
-      // The winner stays attached to `early` until the caller stops it, so no
-      // browser byte can fall between the Result and the bridge.
-      const win = (t: DialedConnection) => {
-        if (settled) {
-          early?.detach(t.socket);
-          t.socket.destroy();
-          return;
-        }
-        settled = true;
-        clearTimeout(hedge);
-        resolve(t);
-      };
-      const lose = (err: unknown) => {
-        if (settled) return;
+      const fail = (err: unknown) => {
+        signal.removeEventListener("abort", onAbort);
         early?.detach(ready.socket);
-        settled = true;
-        clearTimeout(hedge);
         ready.socket.destroy();
         reject(err);
       };
-      const startFresh = () => {
-        if (settled || fresh !== "idle") return;
-        fresh = "running";
-        this.#dialer.open(session, target, signal, early).then(
-          (t) => {
-            early?.detach(ready.socket);
-            ready.socket.destroy();
-            win(t);
-          },
-          // The fresh dial is the ground truth: if it cannot reach the
-          // coordinator, a pooled connection that has not answered by now
-          // will not either.
-          (err: unknown) => lose(err),
-        );
-      };
-      const hedge = setTimeout(startFresh, this.#opts.grace);
-      const onAbort = () => lose(new NatproxyError("CLIENT_GONE", "the browser went away"));
-      signal?.addEventListener("abort", onAbort, { once: true });
+      const onAbort = () => fail(signal.reason instanceof NatproxyError ? signal.reason : new NatproxyError("CLIENT_GONE", "the browser went away"));
+      if (signal.aborted) return onAbort();
+      signal.addEventListener("abort", onAbort, { once: true });
       const open = encodeOpen({ session, target });
       ready.socket.write(open);
       early?.attach(ready.socket);
-      readResult(ready.socket).then(
-        ({ msg }) => {
-          signal?.removeEventListener("abort", onAbort);
-          this.hits++;
-          win({ socket: ready.socket, overhead: ready.headRead + 8 + msg.payload.length, sentOverhead: ready.headSent + open.length });
-        },
-        (err: unknown) => {
-          signal?.removeEventListener("abort", onAbort);
-          early?.detach(ready.socket);
-          // The target's own answer (refused, forbidden...) is the answer;
-          // a dead pooled connection is not: dial afresh at once.
-          if (err instanceof NatproxyError) return lose(err);
-          startFresh();
-        },
-      );
+      readResult(ready.socket).then(({ msg }) => {
+        signal.removeEventListener("abort", onAbort);
+        this.hits++;
+        resolve({ socket: ready.socket, overhead: ready.headRead + 8 + msg.payload.length, sentOverhead: ready.headSent + open.length });
+      }, fail);
     });
   }
 
