@@ -40,8 +40,9 @@ async function main(): Promise<void> {
     const reporter = await start("reporter", ["reporter", "--listen", "127.0.0.1:0"], /listening on 127\.0\.0\.1:(\d+)/);
     writeFileSync(
       join(dir, "proxy.toml"),
-      // The demo's page is on loopback, which a coordinator refuses unless allowed.
-        `[coordinator]\nlisten = "127.0.0.1:0"\ntokens = ["${token}"]\nallow_targets = ["127.0.0.1"]\n\n` +
+      // The demo's page and local proxy are on loopback, which a coordinator
+      // refuses as a target and for connect-backs unless allowed.
+        `[coordinator]\nlisten = "127.0.0.1:0"\ntokens = ["${token}"]\nallow_targets = ["127.0.0.1"]\nallow_connect_back = ["127.0.0.1"]\n\n` +
         `[local]\nlisten = "${stay ? "127.0.0.1:8080" : "127.0.0.1:0"}"\ntoken = "${token}"\nreporter = "127.0.0.1:${reporter}"\nfingerprint = "${cert.fingerprint}"\n`,
     );
     const coord = await start("coordinator", ["coordinator", "-c", join(dir, "proxy.toml"), "--cert", join(dir, "key.pem")], /HTTPS API listening on 127\.0\.0\.1:(\d+)/);

@@ -29,6 +29,7 @@ function localOverrides(f: Flags): ConfigInput {
       listen: str(f.listen),
       coordinator: str(f.coordinator),
       token: str(f.token),
+      token_file: str(f.tokenFile),
       reporter: str(f.reporter),
       tunnel_port: num(f.tunnelPort),
       allow_self_signed: f.allowSelfSigned === undefined ? undefined : Boolean(f.allowSelfSigned),
@@ -43,7 +44,7 @@ function localOverrides(f: Flags): ConfigInput {
 function coordinatorOverrides(f: Flags): ConfigInput {
   return {
     ...common(f),
-    coordinator: { listen: str(f.listen), cert: str(f.cert), key: str(f.key), tokens: list(f.token), reporter: f.withReporter ? true : undefined },
+    coordinator: { listen: str(f.listen), cert: str(f.cert), key: str(f.key), tokens: list(f.token), tokens_file: str(f.tokenFile), reporter: f.withReporter ? true : undefined },
     reporter: { listen: str(f.reporterListen) },
   };
 }
@@ -87,6 +88,9 @@ async function startRole(role: Role, cfg: ResolvedConfig): Promise<Running[]> {
 async function run(role: Role, flags: Flags, overrides: ConfigInput): Promise<void> {
   const cfg = loadConfig({ path: str(flags.config), role, overrides });
   setLogLevel(cfg.log_level);
+  if (flags.token !== undefined)
+    log.warn("--token puts the token on the command line, where every user of this machine can read it (ps, /proc/<pid>/cmdline); use --token-file, the config file or the environment (NATPROXY_TOKEN for local, NATPROXY_TOKENS for the coordinator)");
+  for (const w of cfg.warnings) log.warn(w);
   if (role === "local" && flags.check) {
     // The report is the output; the workflow's own log lines stay on stderr
     // and only when something is wrong.
@@ -127,7 +131,8 @@ async function main(argv: string[]): Promise<void> {
     .command("local", "run the local proxy: an HTTP proxy for your browser, tunnelled through the coordinator")
     .option("--listen <host:port>", "browser-facing proxy address (default 127.0.0.1:8080)")
     .option("--coordinator <url>", "coordinator URL, https://host:port")
-    .option("--token <token>", "token the coordinator accepts (better kept in the config file)")
+    .option("--token <token>", "token the coordinator accepts (visible in ps: prefer --token-file, token_file or NATPROXY_TOKEN)")
+    .option("--token-file <file>", "file holding the token (one line)")
     .option("--reporter <host:port>", "STUN-over-TCP reporter (default: coordinator host, port 3478)")
     .option("--tunnel-port <port>", "local tunnel port P (0 = any)")
     .option("--allow-self-signed", "accept a coordinator certificate no trusted CA signed")
@@ -145,7 +150,8 @@ async function main(argv: string[]): Promise<void> {
     .option("--cert <file>", "certificate PEM (may also hold the key); without one, a self-signed certificate is generated")
     .option("--key <file>", "private key PEM, if not inside --cert")
     .option("--listen <host:port>", "HTTPS API address (default *:8443)")
-    .option("--token <token>", "accepted token (repeatable; better kept in the config file)")
+    .option("--token <token>", "accepted token (repeatable; visible in ps: prefer --token-file, tokens_file or NATPROXY_TOKENS)")
+    .option("--token-file <file>", "file holding the accepted tokens, one per line")
     .option("--with-reporter", "also run the reporter in this process")
     .option("--reporter-listen <host:port>", "reporter address when run inside the coordinator")
     .example("natproxy coordinator --cert key.pem -c proxy.toml")

@@ -1,8 +1,11 @@
-import { accessSync, constants, readFileSync } from "node:fs";
+import { accessSync, constants } from "node:fs";
+import { isIP } from "node:net";
 import { parse as parseToml } from "smol-toml";
 import { z } from "zod";
 import { parseHostPort, type HostPort } from "./address.ts";
 import type { ErrorCode } from "./errors.ts";
+import { exposureWarning, fileProblem, readBoundedFile } from "./files.ts";
+import { applySecretEnv, applySecretFlags, resolveCoordinatorTokens, resolveLocalToken, secretsIn } from "./config-secrets.ts";
 import { LOG_LEVELS } from "./log.ts";
 import { parseTargetRules } from "./coordinator/target-policy.ts";
 
@@ -38,6 +41,7 @@ const localSchema = z.strictObject({
   listen: listenAddress("127.0.0.1:8080"),
   coordinator: z.string().default(""),
   token: z.string().default(""),
+  token_file: z.string().default(""),
   reporter: z.string().default(""),
   tunnel_port: z.number().int().min(0).max(65535).default(0),
   allow_self_signed: z.boolean().default(false),
@@ -69,6 +73,7 @@ const coordinatorSchema = z.strictObject({
   cert: z.string().default(""),
   key: z.string().default(""),
   tokens: z.array(z.string()).default([]),
+  tokens_file: z.string().default(""),
   reporter: z.boolean().default(false),
   connect_back: z.enum(["same-ip", "any"]).default("same-ip"),
   proxy_protocol: z.boolean().default(false),
@@ -76,6 +81,8 @@ const coordinatorSchema = z.strictObject({
   max_sessions_per_token: z.number().int().min(1).max(1_000_000).default(1024),
   allow_targets: z.array(z.string()).default([]),
   deny_targets: z.array(z.string()).default([]),
+  allow_connect_back: z.array(z.string()).default([]),
+  own_addresses: z.array(z.string()).default([]),
   connect_timeout: ms(10_000),
   handshake_timeout: ms(10_000),
   session_idle_timeout: ms(600_000),
@@ -88,6 +95,7 @@ const reporterSchema = z.strictObject({
   listen: listenAddress("*:3478"),
   nat_keep_alive_interval: ms(15_000),
   handshake_timeout: ms(10_000),
+  max_connections_per_ip: z.number().int().min(1).max(10_000).default(64),
 });
 
 const fileSchema = z.strictObject({
@@ -133,6 +141,8 @@ export interface ResolvedConfig {
   local: LocalConfig;
   coordinator: CoordinatorConfig;
   reporter: ReporterConfig;
+  /** Worth saying at start, not worth refusing to start for (files with secrets that others can read). */
+  warnings: string[];
 }
 
 /** defaults < file < environment < flags; then validation of the role's needs. */
@@ -142,9 +152,9 @@ export function loadConfig(opts: LoadOptions): ResolvedConfig {
   if (opts.path !== undefined) {
     let text: string;
     try {
-      text = readFileSync(opts.path, "utf8");
+      text = readBoundedFile(opts.path);
     } catch (err) {
-      throw new ConfigError(source, [`cannot read the file: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`]);
+      throw new ConfigError(source, [`cannot read the file: ${(err as Error).message}`]);
     }
     try {
       raw = parseToml(text) as Record<string, unknown>;
@@ -152,10 +162,17 @@ export function loadConfig(opts: LoadOptions): ResolvedConfig {
       throw new ConfigError(source, [`not valid TOML: ${(err as Error).message.split("\n")[0]}`]);
     }
   }
+  const held = secretsIn(raw);
+  const exposed = opts.path !== undefined && held !== "" ? exposureWarning(opts.path, held) : undefined;
   const problems: string[] = [];
   applyEnv(raw, opts.env ?? process.env, problems);
-  if (opts.overrides) deepMerge(raw, opts.overrides as Record<string, unknown>);
-  return resolveConfig(raw, opts.role, source, problems);
+  if (opts.overrides) {
+    applySecretFlags(raw, opts.overrides as Record<string, unknown>);
+    deepMerge(raw, opts.overrides as Record<string, unknown>);
+  }
+  const cfg = resolveConfig(raw, opts.role, source, problems);
+  if (exposed) cfg.warnings.unshift(exposed);
+  return cfg;
 }
 
 /** Validates an in-memory config (tests, embedding); the same rules as a file. */
@@ -167,13 +184,15 @@ export function resolveConfig(raw: unknown, role: Role | "any", source = "config
     throw new ConfigError(source, problems);
   }
   const cfg = parsed.data;
-  const local = validateLocal(cfg.local, role === "local", problems);
-  if (role === "coordinator") validateCoordinator(cfg.coordinator, problems);
+  const warnings: string[] = [];
+  const local = validateLocal(cfg.local, role === "local", problems, warnings);
+  if (role === "coordinator") validateCoordinator(cfg.coordinator, problems, warnings);
   if (problems.length > 0) throw new ConfigError(source, problems);
-  return { log_level: cfg.log_level, shutdown_timeout: cfg.shutdown_timeout, local, coordinator: cfg.coordinator, reporter: cfg.reporter };
+  return { log_level: cfg.log_level, shutdown_timeout: cfg.shutdown_timeout, local, coordinator: cfg.coordinator, reporter: cfg.reporter, warnings };
 }
 
 function applyEnv(raw: Record<string, unknown>, env: NodeJS.ProcessEnv, problems: string[]): void {
+  applySecretEnv(raw, env);
   // The specification's troubleshooting notes tell users to set this variable;
   // it applies to both sides that send keepalives.
   const text = env.NAT_KEEP_ALIVE_INTERVAL;
@@ -229,7 +248,7 @@ function valueAt(raw: unknown, path: PropertyKey[]): unknown {
 
 const FINGERPRINT = /^sha256:(?:[0-9a-f]{64}|(?:[0-9a-f]{2}:){31}[0-9a-f]{2})$/i;
 
-function validateLocal(local: Config["local"], required: boolean, problems: string[]): LocalConfig {
+function validateLocal(local: Config["local"], required: boolean, problems: string[], warnings: string[]): LocalConfig {
   let coordinatorUrl = new URL("https://invalid.invalid/");
   if (local.coordinator === "") {
     if (required) problems.push('local.coordinator: required, e.g. "https://coord.example:8443"');
@@ -243,7 +262,7 @@ function validateLocal(local: Config["local"], required: boolean, problems: stri
       problems.push(`local.coordinator: not a URL: "${local.coordinator}"`);
     }
   }
-  if (required && local.token === "") problems.push("local.token: required (one of the coordinator's tokens)");
+  if (required) resolveLocalToken(local, problems, warnings);
   let reporterAddress: HostPort = { host: coordinatorHost(coordinatorUrl), port: DEFAULT_REPORTER_PORT };
   if (local.reporter !== "") {
     try {
@@ -277,7 +296,8 @@ function coordinatorHost(url: URL): string {
   return h.startsWith("[") && h.endsWith("]") ? h.slice(1, -1) : h;
 }
 
-function validateCoordinator(c: CoordinatorConfig, problems: string[]): void {
+function validateCoordinator(c: CoordinatorConfig, problems: string[], warnings: string[]): void {
+  resolveCoordinatorTokens(c, problems, warnings);
   if (c.tokens.length === 0) problems.push("coordinator.tokens: at least one token is required; the coordinator never runs open (generate one with: openssl rand -hex 32)");
   c.tokens.forEach((t, i) => {
     if (t.length < 16) problems.push(`coordinator.tokens[${i}]: a token needs at least 16 characters, got ${t.length}`);
@@ -285,11 +305,24 @@ function validateCoordinator(c: CoordinatorConfig, problems: string[]): void {
   if (c.cert !== "") checkReadable("coordinator.cert", c.cert, problems);
   if (c.key !== "") checkReadable("coordinator.key", c.key, problems);
   if (c.key !== "" && c.cert === "") problems.push("coordinator.key: set coordinator.cert as well");
+  // Without a key file the certificate file must hold the key.
+  const keyFile = c.key !== "" ? c.key : c.cert;
+  const exposed = keyFile === "" ? undefined : exposureWarning(keyFile, "the coordinator's private key");
+  if (exposed) warnings.push(exposed);
   problems.push(...parseTargetRules(c.allow_targets, "coordinator.allow_targets").problems);
   problems.push(...parseTargetRules(c.deny_targets, "coordinator.deny_targets").problems);
+  problems.push(...parseTargetRules(c.allow_connect_back, "coordinator.allow_connect_back").problems);
+  c.own_addresses.forEach((a, i) => {
+    if (isIP(a) === 0) problems.push(`coordinator.own_addresses[${i}]: expected an IP address, got "${a}"`);
+  });
 }
 
 function checkReadable(key: string, path: string, problems: string[]): void {
+  const problem = fileProblem(path);
+  if (problem) {
+    problems.push(`${key}: cannot read "${path}" (${problem.message})`);
+    return;
+  }
   try {
     accessSync(path, constants.R_OK);
   } catch (err) {

@@ -85,7 +85,7 @@ describe("the packaged binary", { skip }, () => {
     const cfg = join(dir, "proxy.toml");
     writeFileSync(
       cfg,
-      `[coordinator]\nlisten = "127.0.0.1:0"\ntokens = ["${TOKEN}"]\nallow_targets = ["127.0.0.1"]\n` +
+      `[coordinator]\nlisten = "127.0.0.1:0"\ntokens = ["${TOKEN}"]\nallow_targets = ["127.0.0.1"]\nallow_connect_back = ["127.0.0.1"]\n` +
         `[local]\nlisten = "127.0.0.1:0"\ntoken = "${TOKEN}"\nca = "${pki.caFile}"\nreporter = "127.0.0.1:${reporter.port}"\n`,
     );
     const coord = await startRole(["coordinator", "-c", cfg, "--cert", pki.combinedFile], /HTTPS API listening on 127\.0\.0\.1:(\d+)/);
@@ -110,7 +110,7 @@ describe("the packaged binary", { skip }, () => {
 
   test("coordinator with the reporter in the same process ([coordinator] reporter = true)", async () => {
     const cfg = join(dir, "combined.toml");
-    writeFileSync(cfg, `[coordinator]\nlisten = "127.0.0.1:0"\ntokens = ["${TOKEN}"]\nallow_targets = ["127.0.0.1"]\nreporter = true\ncert = "${pki.serverCertFile}"\nkey = "${pki.serverKeyFile}"\n[reporter]\nlisten = "127.0.0.1:0"\n`);
+    writeFileSync(cfg, `[coordinator]\nlisten = "127.0.0.1:0"\ntokens = ["${TOKEN}"]\nallow_targets = ["127.0.0.1"]\nallow_connect_back = ["127.0.0.1"]\nreporter = true\ncert = "${pki.serverCertFile}"\nkey = "${pki.serverKeyFile}"\n[reporter]\nlisten = "127.0.0.1:0"\n`);
     const coord = startProc(BINARY, ["coordinator", "-c", cfg], ENV);
     procs.push(coord);
     const api = Number((await coord.waitFor(/HTTPS API listening on 127\.0\.0\.1:(\d+)/, 15_000))[1]);

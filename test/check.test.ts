@@ -26,7 +26,7 @@ let dir: string;
 before(async () => {
   pki = await testPki();
   dir = mkdtempSync(join(tmpdir(), "natproxy-check-"));
-  coordinator = await startCoordinator(resolveConfig({ coordinator: { listen: "127.0.0.1:0", cert: pki.combinedFile, tokens: [TOKEN] } }, "coordinator").coordinator);
+  coordinator = await startCoordinator(resolveConfig({ coordinator: { listen: "127.0.0.1:0", cert: pki.combinedFile, tokens: [TOKEN], allow_connect_back: ["127.0.0.1"] } }, "coordinator").coordinator);
   reporter = await startReporter(resolveConfig({ reporter: { listen: "127.0.0.1:0" } }, "reporter").reporter);
 });
 after(async () => {

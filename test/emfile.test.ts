@@ -88,7 +88,7 @@ async function flood(port: number, pid: number): Promise<{ peak: number; release
 
 test("the coordinator and the local proxy survive running out of descriptors, and serve again", async () => {
   const coordCfg = join(dir, "coordinator.toml");
-  writeFileSync(coordCfg, `[coordinator]\nallow_targets = ["127.0.0.1"]\n`);
+  writeFileSync(coordCfg, `[coordinator]\nallow_targets = ["127.0.0.1"]\nallow_connect_back = ["127.0.0.1"]\n`);
   const coordinator = await role(["coordinator", "-c", coordCfg, "--listen", "127.0.0.1:0", "--cert", pki.combinedFile, "--token", TOKEN], /HTTPS API listening on 127\.0\.0\.1:(\d+)/);
   const localCfg = join(dir, "local.toml");
   writeFileSync(

@@ -44,7 +44,7 @@ function onceEvent<T extends unknown[]>(emitter: EventEmitter, event: string, wh
 }
 
 function reporterConfig(host: string, overrides: { nat_keep_alive_interval?: number; handshake_timeout?: number } = {}) {
-  return { listen: { host, port: 0 }, nat_keep_alive_interval: INTERVAL, handshake_timeout: 300, ...overrides };
+  return { listen: { host, port: 0 }, nat_keep_alive_interval: INTERVAL, handshake_timeout: 300, max_connections_per_ip: 64, ...overrides };
 }
 
 function request(attributes: StunMessage["attributes"] = []): StunMessage {

@@ -241,10 +241,14 @@ export function natproxyContender(
         local: join(dir, "local.toml"),
       };
       writeFileSync(files.reporter, toml({ reporter: { listen: `${where.reporter.ip}:${reporterPort}` } }, top));
-      // The coordinator refuses loopback targets by default (SSRF guard); the
-      // bench's target is on 127.0.0.1 (in the NAT lab on a documentation
-      // address, which is allowed anyway).
-      writeFileSync(files.coordinator, toml({ coordinator: { listen: `${where.far.ip}:${coordinatorPort}`, cert: env.combinedFile, tokens: [TOKEN], allow_targets: ["127.0.0.1"], ...extraCoordinator } }, top));
+      // The coordinator refuses loopback targets and connect-backs to loopback
+      // by default (SSRF guard); the bench's target and local proxy are on
+      // 127.0.0.1 (in the NAT lab on documentation addresses, which are
+      // allowed anyway).
+      writeFileSync(
+        files.coordinator,
+        toml({ coordinator: { listen: `${where.far.ip}:${coordinatorPort}`, cert: env.combinedFile, tokens: [TOKEN], allow_targets: ["127.0.0.1"], allow_connect_back: ["127.0.0.1"], ...extraCoordinator } }, top),
+      );
       writeFileSync(
         files.local,
         toml(

@@ -4,6 +4,7 @@ import type { ConsolaInstance } from "consola";
 import { formatHostPort, unmapIPv4, type HostPort } from "../address.ts";
 import { NatproxyError } from "../errors.ts";
 import type { CallerOf } from "./proxy-header.ts";
+import type { TargetPolicy } from "./target-policy.ts";
 import { API } from "../protocol/api.ts";
 import { VERSION } from "../version.ts";
 import { isSessionId } from "../protocol/wire.ts";
@@ -14,6 +15,8 @@ const MAX_BODY = 16 * 1024;
 export interface ApiContext {
   checkToken(authorization: string | undefined): number | undefined;
   connectBackPolicy: "same-ip" | "any";
+  /** Where connect-backs may go: the target policy's default refusals, allow_connect_back for exceptions. */
+  connectBackTargets: Pick<TargetPolicy, "checkName">;
   /** The caller's address: the TCP peer, or the one a PROXY header named. */
   callerOf: CallerOf;
   openSession(req: SessionRequest): Promise<{ targetAddress: string }>;
@@ -60,20 +63,20 @@ async function handle(ctx: ApiContext, req: IncomingMessage, res: ServerResponse
   const body = await readJson(req);
   if (route === API.probe) {
     const probe = validateProbe(body, ctx.callerOf(req.socket));
-    checkConnectBack(ctx, probe.reply.host, probe.client.host);
+    checkConnectBack(ctx, probe.reply, probe.client.host);
     const { ms } = await ctx.probe({ probe: probe.probe, reply: probe.reply, client: formatHostPort(probe.client.host, probe.client.port) });
     sendJson(res, 200, { probe: probe.probe, outcome: "connected", ms });
     return;
   }
   if (route === API.ready) {
     const r = validateReady(body, ctx.callerOf(req.socket));
-    checkConnectBack(ctx, r.reply.host, r.client.host);
+    checkConnectBack(ctx, r.reply, r.client.host);
     const { ms } = await ctx.ready({ token, ready: r.ready, reply: r.reply, client: formatHostPort(r.client.host, r.client.port) });
     sendJson(res, 200, { ready: r.ready, outcome: "connected", ms });
     return;
   }
   const sessionReq = validateSession(body, ctx.callerOf(req.socket));
-  checkConnectBack(ctx, sessionReq.reply.host, sessionReq.client.host);
+  checkConnectBack(ctx, sessionReq.reply, sessionReq.client.host);
   const { targetAddress } = await ctx.openSession({
     token,
     session: sessionReq.session,
@@ -84,9 +87,21 @@ async function handle(ctx: ApiContext, req: IncomingMessage, res: ServerResponse
   sendJson(res, 200, { session: sessionReq.session, outcome: "bridged", target_address: targetAddress });
 }
 
-function checkConnectBack(ctx: ApiContext, reply: string, client: string): void {
-  if (ctx.connectBackPolicy === "same-ip" && reply !== client) {
-    throw new NatproxyError("FORBIDDEN", `connect-back to ${reply} refused: this request came from ${client}, and connect_back = "same-ip"`);
+function checkConnectBack(ctx: ApiContext, reply: HostPort, client: string): void {
+  if (ctx.connectBackPolicy === "same-ip" && reply.host !== client) {
+    throw new NatproxyError("FORBIDDEN", `connect-back to ${reply.host} refused: this request came from ${client}, and connect_back = "same-ip"`);
+  }
+  // A caller can appear as loopback or a private address (a TLS passthrough
+  // on the same host, a Kubernetes Service without proxy_protocol); same-ip
+  // alone would then let a token holder aim connect-backs at the
+  // coordinator's own ports and its LAN.
+  const d = ctx.connectBackTargets.checkName(reply.host, reply.port);
+  if (!d.allowed) {
+    const to = formatHostPort(reply.host, reply.port);
+    // The policy's reason ends in advice about allow_targets, which does not govern connect-backs.
+    const why = d.reason.replace(/; add .*$/, "");
+    ctx.log.info(`connect-back to ${to} for ${client} refused: ${why}`);
+    throw new NatproxyError("FORBIDDEN", `connect-back to ${to} refused: ${why}; only [coordinator] allow_connect_back can permit it`);
   }
 }
 

@@ -16,6 +16,9 @@ import type { SessionLimits } from "./limits.ts";
 import { encodeResult, encodeSession } from "../protocol/wire.ts";
 import { dialTarget } from "./dial.ts";
 import { both } from "../hedge.ts";
+import { roleLogger } from "../log.ts";
+
+const backLog = roleLogger("coordinator");
 
 export interface SessionRequest {
   /** Index of the token that authenticated the request (for per-token limits). */
@@ -172,14 +175,26 @@ export async function answerProbe(req: ProbeRequest, ctx: SessionContext): Promi
  * certificate it trusts on the HTTPS API. Nothing is sent before the local
  * proxy's ClientHello arrives: a service that is not a natproxy never receives
  * a byte from us.
+ *
+ * Every failure is the same error with the same words, whether the port was
+ * closed, silent, spoke first or failed the handshake: the caller's answer
+ * must not make a port scanner of the API. The coordinator's log keeps the
+ * detail.
  */
 export function connectBack(reply: HostPort, secureContext: tls.SecureContext, connectTimeout: number, handshakeTimeout: number, signal: AbortSignal): Promise<tls.TLSSocket> {
   const name = formatHostPort(reply.host, reply.port);
   return new Promise((resolve, reject) => {
     const raw = net.connect({ host: reply.host, port: reply.port, noDelay: true, allowHalfOpen: true });
     let secure: tls.TLSSocket | undefined;
-    let timer = setTimeout(() => fail(new NatproxyError("CONNECT_BACK_TIMEOUT", `${name}: TCP connect timed out`)), connectTimeout);
+    let over = false;
+    const failed = (detail: string, cause?: unknown) => {
+      if (over) return;
+      backLog.debug(`connect-back to ${name} failed: ${detail}`);
+      fail(new NatproxyError("CONNECT_BACK_FAILED", `${name}: no natproxy local proxy completed a TLS handshake there`, { cause: new Error(detail, { cause }) }));
+    };
+    let timer = setTimeout(() => failed(`TCP connect timed out after ${connectTimeout} ms`), connectTimeout);
     const fail = (err: NatproxyError) => {
+      over = true;
       clearTimeout(timer);
       signal.removeEventListener("abort", onAbort);
       raw.destroy();
@@ -188,15 +203,14 @@ export function connectBack(reply: HostPort, secureContext: tls.SecureContext, c
     };
     const onAbort = () => fail(signal.reason as NatproxyError);
     signal.addEventListener("abort", onAbort, { once: true });
-    const onRawError = (err: NodeJS.ErrnoException) => fail(new NatproxyError("CONNECT_BACK_FAILED", `${name}: ${err.code ?? err.message}`, { cause: err }));
+    const onRawError = (err: NodeJS.ErrnoException) => failed(err.code ?? err.message, err);
     raw.on("error", onRawError);
     raw.once("connect", () => {
       clearTimeout(timer);
-      timer = setTimeout(() => fail(new NatproxyError("CONNECT_BACK_TIMEOUT", `${name}: TLS handshake timed out`)), handshakeTimeout);
+      timer = setTimeout(() => failed(`TLS handshake timed out after ${handshakeTimeout} ms`), handshakeTimeout);
       const s = new tls.TLSSocket(raw, { isServer: true, secureContext, requestCert: false });
       secure = s;
-      const onTlsError = (err: NodeJS.ErrnoException) =>
-        fail(new NatproxyError("CONNECT_BACK_FAILED", `${name}: TLS handshake failed (${err.code ?? err.message})`, { cause: err }));
+      const onTlsError = (err: NodeJS.ErrnoException) => failed(`TLS handshake failed (${err.code ?? err.message})`, err);
       s.on("error", onTlsError);
       s.once("secure", () => {
         clearTimeout(timer);

@@ -1,4 +1,4 @@
-import { createServer, type AddressInfo, type Socket } from "node:net";
+import { createServer, SocketAddress, type AddressInfo, type Socket } from "node:net";
 import { formatHostPort, unmapIPv4 } from "../address.ts";
 import type { ReporterConfig } from "../config.ts";
 import { roleLogger } from "../log.ts";
@@ -41,9 +41,33 @@ export interface ReporterHandle {
 
 export async function startReporter(config: ReporterConfig): Promise<ReporterHandle> {
   const live = new Set<PeerConnection>();
+  // Connections held per source; an entry lives only while its source holds
+  // one, so a flood of addresses costs no more memory than its connections.
+  const perSource = new Map<string, { count: number; warned: boolean }>();
   const server = createServer({ noDelay: true });
   server.maxConnections = MAX_CONNECTIONS;
   server.on("connection", function onConnection(socket: Socket) {
+    // Without a per-source cap one address could hold every slot of
+    // MAX_CONNECTIONS with peers that answer keepalives, and real local
+    // proxies would be turned away.
+    const source = socket.remoteAddress === undefined ? undefined : sourceOf(socket.remoteAddress);
+    if (source !== undefined) {
+      const held = perSource.get(source) ?? { count: 0, warned: false };
+      if (held.count >= config.max_connections_per_ip) {
+        if (!held.warned) {
+          held.warned = true;
+          log().warn(`${source} holds ${held.count} connections ([reporter] max_connections_per_ip); resetting its further ones until some close`);
+        }
+        socket.on("error", () => {});
+        socket.resetAndDestroy();
+        return;
+      }
+      held.count++;
+      perSource.set(source, held);
+      socket.once("close", function onSourceClose() {
+        if (--held.count === 0) perSource.delete(source);
+      });
+    }
     const peer = new PeerConnection(socket, config, live);
     live.add(peer);
   });
@@ -86,6 +110,21 @@ export async function startReporter(config: ReporterConfig): Promise<ReporterHan
       return closing;
     },
   };
+}
+
+/**
+ * What the per-source cap counts: an IPv4 address, or the /64 an IPv6 address
+ * is in, since one IPv6 host or customer is usually given a whole /64.
+ */
+export function sourceOf(remoteAddress: string): string {
+  const address = unmapIPv4(remoteAddress).split("%")[0];
+  if (!address.includes(":")) return address;
+  const [head, tail] = address.split("::");
+  const groups = (part: string | undefined) => (part ? part.split(":").flatMap((g) => (g.includes(".") ? ["0", "0"] : [g])) : []);
+  const h = groups(head);
+  const t = groups(tail);
+  const all = tail === undefined ? h : [...h, ...new Array<string>(8 - h.length - t.length).fill("0"), ...t];
+  return `${new SocketAddress({ address: `${all.slice(0, 4).join(":")}::`, family: "ipv6" }).address}/64`;
 }
 
 type Phase = "handshake" | "bound" | "closed";

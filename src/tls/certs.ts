@@ -1,6 +1,6 @@
 import { X509Certificate, createPrivateKey } from "node:crypto";
-import { readFileSync } from "node:fs";
 import { hostname } from "node:os";
+import { readBoundedFile } from "../files.ts";
 
 export interface KeyPair {
   key: string;
@@ -57,9 +57,9 @@ export function loadKeyPair(certPath: string, keyPath?: string): KeyPair {
 
 function readPem(path: string, what: string): string {
   try {
-    return readFileSync(path, "utf8");
+    return readBoundedFile(path);
   } catch (err) {
-    throw new Error(`${path}: cannot read the ${what} (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`);
+    throw new Error(`${path}: cannot read the ${what} (${(err as Error).message})`, { cause: err });
   }
 }
 

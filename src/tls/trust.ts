@@ -1,8 +1,8 @@
 import { X509Certificate } from "node:crypto";
-import { readFileSync } from "node:fs";
 import { isIP } from "node:net";
 import tls, { type TLSSocket } from "node:tls";
 import { NatproxyError } from "../errors.ts";
+import { readBoundedFile } from "../files.ts";
 import { formatFingerprint, normalizeFingerprint } from "./certs.ts";
 
 /** How the local proxy decides whether it is talking to its own coordinator. */
@@ -23,9 +23,17 @@ export interface Trust {
 
 export function makeTrust(opts: { hostname: string; allow_self_signed: boolean; fingerprint: string; ca: string }): Trust {
   let ca: string[] | undefined;
-  if (opts.ca !== "") ca = [...tls.rootCertificates, readFileSync(opts.ca, "utf8")];
+  if (opts.ca !== "") ca = [...tls.rootCertificates, readCaBundle(opts.ca)];
   const context = tls.createSecureContext({ ca, minVersion: "TLSv1.2" });
   return { hostname: opts.hostname, allowSelfSigned: opts.allow_self_signed, pin: normalizeFingerprint(opts.fingerprint), ca, context };
+}
+
+function readCaBundle(path: string): string {
+  try {
+    return readBoundedFile(path);
+  } catch (err) {
+    throw new Error(`${path}: cannot read the CA bundle (${(err as Error).message})`, { cause: err });
+  }
 }
 
 export function describeTrust(t: Trust): string {

@@ -8,6 +8,8 @@ import { testPki, type TestPki } from "./pki.ts";
 export const TOKEN = "test-token-0123456789abcdef";
 /** The tests' targets live on loopback, which the coordinator refuses by default. */
 export const LOOPBACK_TARGETS = ["127.0.0.1", "::1"];
+/** The tests' local proxies, too, are on loopback, where the coordinator refuses to connect back by default. */
+export const LOOPBACK_CONNECT_BACK = ["127.0.0.1", "::1"];
 
 // Tests read results, not logs; NATPROXY_TEST_LOG=debug shows them.
 setLogLevel((process.env.NATPROXY_TEST_LOG as "debug") ?? "silent");
@@ -27,9 +29,11 @@ export interface StackOptions {
   reporter?: ConfigInput["reporter"];
 }
 
-/** A coordinator on loopback with the test PKI and token, allowed to dial the tests' loopback targets. */
+/** A coordinator on loopback with the test PKI and token, allowed to dial the tests' loopback targets and connect back to loopback. */
 export function startTestCoordinator(pki: TestPki, coordinator: ConfigInput["coordinator"] = {}): Promise<Coordinator> {
-  return startCoordinator(resolveConfig({ coordinator: { listen: "127.0.0.1:0", cert: pki.combinedFile, tokens: [TOKEN], allow_targets: LOOPBACK_TARGETS, ...coordinator } }, "coordinator").coordinator);
+  return startCoordinator(
+    resolveConfig({ coordinator: { listen: "127.0.0.1:0", cert: pki.combinedFile, tokens: [TOKEN], allow_targets: LOOPBACK_TARGETS, allow_connect_back: LOOPBACK_CONNECT_BACK, ...coordinator } }, "coordinator").coordinator,
+  );
 }
 
 /** All three roles on loopback, through their startX(config) entry points. */
