@@ -138,7 +138,7 @@ async function main(argv: string[]): Promise<void> {
     .option("--allow-self-signed", "accept a coordinator certificate no trusted CA signed")
     .option("--ca <file>", "extra CA bundle (PEM) to trust for the coordinator")
     .option("--fingerprint <sha256:...>", "pin the coordinator certificate")
-    .option("--connect-timeout <ms>", "how long a session waits for the coordinator's connect-back")
+    .option("--connect-timeout <ms>", "how long a browser connection waits for its tunnel, start to answer ([local] connect_timeout)")
     .option("--tunnel <mode>", "auto (default), connect-back or outbound")
     .option("--check", "run the start-up workflow once, print what it found (address, NAT, path, problems) and exit: 0 = a working path, 1 = none")
     .example("natproxy local -c proxy.toml")

@@ -50,10 +50,13 @@ const localSchema = z.strictObject({
   nat_keep_alive_interval: ms(15_000),
   tunnel_idle_timeout: ms(60_000),
   connect_timeout: ms(10_000),
+  handshake_timeout: ms(10_000),
+  hello_timeout: ms(10_000),
   tunnel: z.enum(["auto", "connect-back", "outbound"]).default("auto"),
   probe_timeout: ms(3_000),
   probe_interval: ms(60_000),
   connect_back_grace: ms(1_500),
+  pool_hedge_delay: ms(1_500),
   reporter_timeout: ms(5_000),
   reporter_retries: count(5, 1000),
   retry_delay: ms(500),
@@ -89,6 +92,7 @@ const coordinatorSchema = z.strictObject({
   fin_timeout: ms(30_000),
   request_timeout: ms(30_000),
   keep_alive_timeout: ms(60_000),
+  open_timeout: ms(60_000),
 });
 
 const reporterSchema = z.strictObject({

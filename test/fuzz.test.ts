@@ -40,10 +40,12 @@ console.log(`fuzz seed ${SEED} (reproduce with FUZZ_SEED=${SEED})`);
 
 // Small timeouts so that a hang shows within the test's time.
 const T = {
-  localConnect: 1500, // [local] connect_timeout: browser head deadline, connect-back wait, tunnel-port hold
+  localConnect: 1500, // [local] connect_timeout: making one tunnel (connect-back and its Result)
+  localHandshake: 1500, // [local] handshake_timeout: browser head deadline, tunnel-port hold
   coordHandshake: 1000, // [coordinator] handshake_timeout: TLS handshakes; also caps the header timeout
   coordRequest: 1500, // [coordinator] request_timeout
-  coordKeepAlive: 1000, // [coordinator] keep_alive_timeout: idle API connections; an upgraded tunnel's wait for Open
+  coordKeepAlive: 1000, // [coordinator] keep_alive_timeout: idle API connections
+  coordOpen: 1000, // [coordinator] open_timeout: an upgraded tunnel's wait for Open
   reporterHandshake: 1000, // [reporter] handshake_timeout
 };
 /** After its last byte and FIN, a fuzz case must see the server close within this. */
@@ -344,11 +346,12 @@ before(async () => {
   canary = await startCanary();
   secure = await startHttpsTarget(await testPki());
   stack = await startStack({
-    local: { tunnel: "connect-back", connect_timeout: T.localConnect, fin_timeout: 500, pool_idle_timeout: 300 },
+    local: { tunnel: "connect-back", connect_timeout: T.localConnect, handshake_timeout: T.localHandshake, fin_timeout: 500, pool_idle_timeout: 300 },
     coordinator: {
       handshake_timeout: T.coordHandshake,
       request_timeout: T.coordRequest,
       keep_alive_timeout: T.coordKeepAlive,
+      open_timeout: T.coordOpen,
       connect_timeout: 1000,
       fin_timeout: 500,
       // Only the test's own targets; the canary and every other address are refused.
@@ -1201,12 +1204,12 @@ async function normalTrafficWorks(): Promise<void> {
 // One port at a time, so that each measures its own server's timers and not
 // an event loop busy with the others' handshakes.
 describe("slowloris: connections that stall mid-request are closed within their timeout", () => {
-  test(`the browser port: ${SLOWLORIS_N} partial request heads, closed within connect_timeout (${T.localConnect} ms)`, async () => {
+  test(`the browser port: ${SLOWLORIS_N} partial request heads, closed within handshake_timeout (${T.localHandshake} ms)`, async () => {
     const slow = await openSlow(SLOWLORIS_N, () => net.connect(stack.proxyPort, "127.0.0.1"), "connect", () => Buffer.from(`GET http://127.0.0.1:${web.port}/slow HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: `));
     try {
       await normalTrafficWorks();
     } finally {
-      await expectAllClosed("browser port", slow, T.localConnect);
+      await expectAllClosed("browser port", slow, T.localHandshake);
     }
   });
 
@@ -1241,18 +1244,18 @@ describe("slowloris: connections that stall mid-request are closed within their 
     }
   });
 
-  test(`the coordinator, upgraded tunnel: ${SLOWLORIS_N} partial Open messages, closed within keep_alive_timeout (${T.coordKeepAlive} ms)`, async () => {
+  test(`the coordinator, upgraded tunnel: ${SLOWLORIS_N} partial Open messages, closed within open_timeout (${T.coordOpen} ms)`, async () => {
     const slow = await openSlow(SLOWLORIS_N, () => tls.connect({ host: "127.0.0.1", port: coordPort, servername: "localhost", ca: stack.pki.ca.cert }), "secureConnect", () =>
       Buffer.concat([Buffer.from(upgradeHeadFor(TOKEN), "latin1"), encodeOpen({ session: "6f1c1a52-4c1e-4d6a-9a51-2f0c1e7d9b10", target: { host: "127.0.0.1", port: 80 } }).subarray(0, 6)]),
     );
     try {
       await normalTrafficWorks();
     } finally {
-      await expectAllClosed("coordinator upgraded tunnel", slow, T.coordKeepAlive);
+      await expectAllClosed("coordinator upgraded tunnel", slow, T.coordOpen);
     }
   });
 
-  test(`the tunnel port: ${SLOWLORIS_N} raw peers that stall mid-record and ${SLOWLORIS_N} trusted TLS peers that stall mid-message, closed within connect_timeout (${T.localConnect} ms)`, async () => {
+  test(`the tunnel port: ${SLOWLORIS_N} raw peers that stall mid-record and ${SLOWLORIS_N} trusted TLS peers that stall mid-message, closed within handshake_timeout (${T.localHandshake} ms)`, async () => {
     const raw = await openSlow(SLOWLORIS_N, () => net.connect(tunnelPort, "127.0.0.1"), "connect", () => Buffer.from([0x16, 0x03, 0x03]));
     const trusted = await openSlow(
       SLOWLORIS_N,
@@ -1263,8 +1266,8 @@ describe("slowloris: connections that stall mid-request are closed within their 
     try {
       await normalTrafficWorks();
     } finally {
-      await expectAllClosed("tunnel port, raw", raw, T.localConnect);
-      await expectAllClosed("tunnel port, trusted TLS", trusted, T.localConnect);
+      await expectAllClosed("tunnel port, raw", raw, T.localHandshake);
+      await expectAllClosed("tunnel port, trusted TLS", trusted, T.localHandshake);
     }
   });
 

@@ -22,7 +22,7 @@ let web: Target;
 
 before(async () => {
   pki = await testPki();
-  coordinator = await startTestCoordinator(pki, { keep_alive_timeout: 300 });
+  coordinator = await startTestCoordinator(pki, { open_timeout: 300 });
   web = await startHttpTarget();
 });
 after(async () => {
@@ -152,7 +152,7 @@ describe("the coordinator guards the outbound path", () => {
     const ok = upgrade(`Authorization: Bearer ${TOKEN}\r\nUpgrade: natproxy-tunnel/1\r\n`);
     const garbage = await rawExchange(`${ok}GET / HTTP/1.1\r\n\r\n`);
     assert.match(garbage, /^HTTP\/1\.1 101 /);
-    // keep_alive_timeout is 300 ms here: a silent upgraded connection is dropped by then.
+    // open_timeout is 300 ms here: a silent upgraded connection is dropped by then.
     const t0 = performance.now();
     await rawExchange(ok, { closeAfterMs: 5000 });
     assert.ok(performance.now() - t0 < 3000, "the coordinator closed the silent connection");

@@ -110,9 +110,10 @@ test("an idle pool empties after pool_idle_timeout and is not refilled until it 
   }
 });
 
-test("pooled connections that died silently (frozen by the network) cost the grace period, not a timeout", async () => {
+test("pooled connections that died silently (frozen by the network) cost pool_hedge_delay, not a timeout", async () => {
   const relay = await startRelay(coordinator.addresses[0].port);
-  const l = await local(relay.port, { connect_back_grace: 400, connect_timeout: 10_000 });
+  // connect_back_grace far off: the pool's hedge has its own key.
+  const l = await local(relay.port, { pool_hedge_delay: 400, connect_back_grace: 60_000, connect_timeout: 10_000 });
   try {
     await fetchThrough(l, "/warm");
     await waitUntil(() => l.outboundPool.size === 3, 3000, "filled");
@@ -122,7 +123,7 @@ test("pooled connections that died silently (frozen by the network) cost the gra
     // frozen connection; the fresh dial got it replayed.
     assert.match(await fetchThrough(l, "/after-freeze"), /"url":"\/after-freeze"/);
     const ms = performance.now() - t0;
-    assert.ok(ms >= 350 && ms < 3000, `served by a fresh dial after the grace period (${Math.round(ms)} ms)`);
+    assert.ok(ms >= 350 && ms < 3000, `served by a fresh dial after pool_hedge_delay (${Math.round(ms)} ms)`);
     assert.equal(l.outboundPool.hits, 0, "the frozen pooled connection did not carry it");
   } finally {
     await l.close();

@@ -1,16 +1,12 @@
 import type { IncomingMessage, ServerResponse } from "node:http";
-import { isIP } from "node:net";
 import type { ConsolaInstance } from "consola";
 import { formatHostPort, unmapIPv4, type HostPort } from "../address.ts";
 import { NatproxyError } from "../errors.ts";
 import type { CallerOf } from "./proxy-header.ts";
 import type { TargetPolicy } from "./target-policy.ts";
-import { API } from "../protocol/api.ts";
+import { API, MAX_BODY, parseWith, probeRequestSchema, readyRequestSchema, sessionRequestSchema, type ErrorAnswer, type HelloInfo, type ProbeAnswer, type ReadyAnswer, type SessionAnswer } from "../protocol/api.ts";
 import { VERSION } from "../version.ts";
-import { isSessionId } from "../protocol/wire.ts";
 import type { ProbeRequest, ReadyRequest, SessionRequest } from "./connect-back.ts";
-
-const MAX_BODY = 16 * 1024;
 
 export interface ApiContext {
   checkToken(authorization: string | undefined): number | undefined;
@@ -52,7 +48,7 @@ async function handle(ctx: ApiContext, req: IncomingMessage, res: ServerResponse
     if (req.method !== "GET") throw methodNotAllowed(res, "GET");
     req.resume();
     const client = ctx.callerOf(req.socket);
-    sendJson(res, 200, { software: "natproxy", version: VERSION, client, connect_back: ctx.connectBackPolicy });
+    sendJson(res, 200, { software: "natproxy", version: VERSION, client, connect_back: ctx.connectBackPolicy } satisfies HelloInfo);
     return;
   }
   if (route === API.tunnel) {
@@ -65,14 +61,14 @@ async function handle(ctx: ApiContext, req: IncomingMessage, res: ServerResponse
     const probe = validateProbe(body, ctx.callerOf(req.socket));
     checkConnectBack(ctx, probe.reply, probe.client.host);
     const { ms } = await ctx.probe({ probe: probe.probe, reply: probe.reply, client: formatHostPort(probe.client.host, probe.client.port) });
-    sendJson(res, 200, { probe: probe.probe, outcome: "connected", ms });
+    sendJson(res, 200, { probe: probe.probe, outcome: "connected", ms } satisfies ProbeAnswer);
     return;
   }
   if (route === API.ready) {
     const r = validateReady(body, ctx.callerOf(req.socket));
     checkConnectBack(ctx, r.reply, r.client.host);
     const { ms } = await ctx.ready({ token, ready: r.ready, reply: r.reply, client: formatHostPort(r.client.host, r.client.port) });
-    sendJson(res, 200, { ready: r.ready, outcome: "connected", ms });
+    sendJson(res, 200, { ready: r.ready, outcome: "connected", ms } satisfies ReadyAnswer);
     return;
   }
   const sessionReq = validateSession(body, ctx.callerOf(req.socket));
@@ -84,7 +80,7 @@ async function handle(ctx: ApiContext, req: IncomingMessage, res: ServerResponse
     reply: sessionReq.reply,
     client: formatHostPort(sessionReq.client.host, sessionReq.client.port),
   });
-  sendJson(res, 200, { session: sessionReq.session, outcome: "bridged", target_address: targetAddress });
+  sendJson(res, 200, { session: sessionReq.session, outcome: "bridged", target_address: targetAddress } satisfies SessionAnswer);
 }
 
 function checkConnectBack(ctx: ApiContext, reply: HostPort, client: string): void {
@@ -140,47 +136,24 @@ function readJson(req: IncomingMessage): Promise<unknown> {
   });
 }
 
-const HOSTNAME = /^(?=.{1,253}$)(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9])?)(?:\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9])?)*\.?$/i;
+const badRequest = (problems: string) => new NatproxyError("BAD_REQUEST", problems);
+
+/** The reply address normalised, so same-ip compares one spelling of an IPv4 caller. */
+const unmapped = (reply: HostPort): HostPort => ({ host: unmapIPv4(reply.host), port: reply.port });
 
 function validateSession(body: unknown, client: HostPort): { session: string; target: HostPort; reply: HostPort; client: HostPort } {
-  const problems: string[] = [];
-  const b = (typeof body === "object" && body !== null ? body : {}) as Record<string, unknown>;
-  if (!isSessionId(b.session)) problems.push("session: expected a UUID v4");
-  const target = checkHostPort(b.target, "target", problems, false);
-  const reply = checkHostPort(b.reply, "reply", problems, true);
-  if (problems.length) throw new NatproxyError("BAD_REQUEST", problems.join("; "));
-  return { session: b.session as string, target, reply: { host: unmapIPv4(reply.host), port: reply.port }, client };
+  const { session, target, reply } = parseWith(sessionRequestSchema, body, badRequest);
+  return { session, target, reply: unmapped(reply), client };
 }
 
 function validateProbe(body: unknown, client: HostPort): { probe: string; reply: HostPort; client: HostPort } {
-  const { id, reply } = validateConnectBack(body, "probe");
-  return { probe: id, reply, client };
+  const { probe, reply } = parseWith(probeRequestSchema, body, badRequest);
+  return { probe, reply: unmapped(reply), client };
 }
 
 function validateReady(body: unknown, client: HostPort): { ready: string; reply: HostPort; client: HostPort } {
-  const { id, reply } = validateConnectBack(body, "ready");
-  return { ready: id, reply, client };
-}
-
-/** `{ <idKey>: uuid, reply: { host: ip, port } }`: a connect-back that carries only its id. */
-function validateConnectBack(body: unknown, idKey: "probe" | "ready"): { id: string; reply: HostPort } {
-  const problems: string[] = [];
-  const b = (typeof body === "object" && body !== null ? body : {}) as Record<string, unknown>;
-  if (!isSessionId(b[idKey])) problems.push(`${idKey}: expected a UUID v4`);
-  const reply = checkHostPort(b.reply, "reply", problems, true);
-  if (problems.length) throw new NatproxyError("BAD_REQUEST", problems.join("; "));
-  return { id: b[idKey] as string, reply: { host: unmapIPv4(reply.host), port: reply.port } };
-}
-
-/** Checks `{ host, port }` from a request; every problem goes into `problems`, named `name.host` / `name.port`. */
-export function checkHostPort(v: unknown, name: string, problems: string[], ipOnly: boolean): HostPort {
-  const o = (typeof v === "object" && v !== null ? v : {}) as Record<string, unknown>;
-  const host = typeof o.host === "string" ? o.host : "";
-  const port = o.port;
-  const hostOk = isIP(host) !== 0 || (!ipOnly && HOSTNAME.test(host));
-  if (!hostOk) problems.push(`${name}.host: expected ${ipOnly ? "an IP address" : "a host name or IP address"}`);
-  if (typeof port !== "number" || !Number.isInteger(port) || port < 1 || port > 65535) problems.push(`${name}.port: expected 1-65535`);
-  return { host, port: port as number };
+  const { ready, reply } = parseWith(readyRequestSchema, body, badRequest);
+  return { ready, reply: unmapped(reply), client };
 }
 
 export function sendJson(res: ServerResponse, status: number, body: unknown): void {
@@ -196,5 +169,5 @@ export function sendJson(res: ServerResponse, status: number, body: unknown): vo
 function sendError(res: ServerResponse, e: NatproxyError): void {
   // After a refused body the rest of it is still on the wire: no keep-alive.
   if (e.code === "PAYLOAD_TOO_LARGE" && !res.headersSent) res.setHeader("Connection", "close");
-  sendJson(res, e.status, { error: { code: e.code, message: e.message } });
+  sendJson(res, e.status, { error: { code: e.code, message: e.message } } satisfies ErrorAnswer);
 }

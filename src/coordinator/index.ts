@@ -81,7 +81,7 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
     readyLimits: new SessionLimits(config.max_sessions, config.max_sessions_per_token, "ready connections waiting"),
     waiting,
     connectTimeout: config.connect_timeout,
-    openTimeout: config.keep_alive_timeout,
+    openTimeout: config.open_timeout,
     idleTimeout: config.session_idle_timeout,
     finTimeout: config.fin_timeout,
     sockets,

@@ -12,8 +12,8 @@ import type { CallerOf } from "./proxy-header.ts";
 import { formatSession } from "../request-log.ts";
 import { closeWith, type SocketRegistry } from "../sockets.ts";
 import type { TargetPolicy } from "./target-policy.ts";
-import { encodeResult, isSessionId, openOf, readMessage, type OpenRequest } from "../protocol/wire.ts";
-import { checkHostPort } from "./api.ts";
+import { encodeResult, openOf, readMessage, type OpenRequest } from "../protocol/wire.ts";
+import { openSchema, parseWith } from "../protocol/api.ts";
 import type { SessionLimits } from "./limits.ts";
 import { dialTarget } from "./dial.ts";
 
@@ -56,14 +56,10 @@ export function awaitOpen(ctx: EngineContext, socket: Duplex, token: number, cli
       socket.off("close", notWaiting);
       let open: OpenRequest;
       try {
-        open = openOf(msg);
+        open = parseWith(openSchema, openOf(msg), (problems) => new NatproxyError("BAD_REQUEST", problems));
       } catch (err) {
-        return fail(new NatproxyError("BAD_REQUEST", (err as Error).message));
+        return fail(err instanceof NatproxyError ? err : new NatproxyError("BAD_REQUEST", (err as Error).message));
       }
-      const problems: string[] = [];
-      if (!isSessionId(open.session)) problems.push("session: expected a UUID v4");
-      checkHostPort(open.target, "target", problems, false);
-      if (problems.length) return fail(new NatproxyError("BAD_REQUEST", problems.join("; ")));
       let release: () => void;
       try {
         release = ctx.limits.acquire(token);

@@ -33,7 +33,7 @@ export async function runCheck(config: LocalConfig): Promise<CheckReport> {
     lines.push(`coordinator:   ${config.coordinatorUrl.origin} (trusting ${describeTrust(trust)})`);
     let apiOk = false;
     try {
-      const hello = await coordinator.hello(config.connect_timeout);
+      const hello = await coordinator.hello(config.hello_timeout);
       apiOk = true;
       lines.push(`  ok           natproxy ${hello.version}; certificate accepted; token accepted; it sees us as ${formatHostPort(hello.client.host, hello.client.port)}`);
     } catch (err) {

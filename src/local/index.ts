@@ -56,7 +56,7 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
   log.info(`coordinator ${config.coordinatorUrl.origin}, trusting ${describeTrust(trust)}`);
   const mappingService = mappingServiceFor(config, parts, log);
 
-  const poolOptions = { size: config.pool_size, maxAge: config.pool_idle_timeout, grace: config.connect_back_grace };
+  const poolOptions = { size: config.pool_size, maxAge: config.pool_idle_timeout, grace: config.pool_hedge_delay };
   const outbound = new ReadyPool(dialer, poolOptions);
   const connectBack = new ReadyPool(new ConnectBackDialer({ sessions, coordinator, mapping: () => mappingService.state, connectTimeout: config.connect_timeout, sockets }), {
     ...poolOptions,
@@ -68,7 +68,7 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
   });
   const paths = new PathChooser(config.tunnel, config.coordinatorUrl.origin, log);
 
-  const checking = coordinator.hello(config.connect_timeout).then(
+  const checking = coordinator.hello(config.hello_timeout).then(
     (info) => log.info(`coordinator answered: natproxy ${info.version}, sees us as ${formatHostPort(info.client.host, info.client.port)}, connect-back policy "${info.connect_back}"`),
     (err: NatproxyError) => log.error(`coordinator check failed: ${err.message}`),
   );
@@ -121,8 +121,8 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
   const server = http.createServer({
     maxHeaderSize: config.max_header_size,
     // A browser that opens a connection and sends no complete head is dropped.
-    headersTimeout: config.connect_timeout,
-    connectionsCheckingInterval: deadlineCheckInterval(config.connect_timeout),
+    headersTimeout: config.handshake_timeout,
+    connectionsCheckingInterval: deadlineCheckInterval(config.handshake_timeout),
     requestTimeout: 0,
     // An idle browser connection is an idle session; pooled tunnels behind it
     // close on their own after pool_idle_timeout.

@@ -37,6 +37,6 @@ export function localParts(config: LocalConfig): LocalParts {
 /** The start-up workflow, with the connect-back acceptor on its tunnel port. */
 export function mappingServiceFor(config: LocalConfig, parts: LocalParts, log: ConsolaInstance): MappingService {
   const { trust, sessions, sockets } = parts;
-  const accept = (socket: import("node:net").Socket) => acceptConnectBack(socket, { trust, sessions, sockets, timeout: config.connect_timeout, log });
+  const accept = (socket: import("node:net").Socket) => acceptConnectBack(socket, { trust, sessions, sockets, timeout: config.handshake_timeout, log });
   return new MappingService({ config, accept, log });
 }

@@ -2,9 +2,10 @@ import https from "node:https";
 import type { Duplex } from "node:stream";
 import tls from "node:tls";
 import axios, { type AxiosInstance } from "axios";
-import type { HostPort } from "../../address.ts";
+import type { z } from "zod";
 import { NatproxyError, isErrorCode } from "../../errors.ts";
 import { destroyIdleSockets } from "../../sockets.ts";
+import { API, errorBodySchema, helloResponseSchema, parseWith, probeResponseSchema, readyResponseSchema, sessionResponseSchema, type HelloInfo, type ProbeRequestBody, type ReadyRequestBody, type SessionRequestBody } from "../../protocol/api.ts";
 import { handshakeError, tlsClientOptions, verifyPeer, type Trust } from "../../tls/trust.ts";
 
 /**
@@ -40,19 +41,13 @@ class VerifyingAgent extends https.Agent {
   }
 }
 
-export interface HelloInfo {
-  version: string;
-  client: HostPort;
-  connect_back: string;
-}
-
 export interface CoordinatorClient {
   hello(timeout: number): Promise<HelloInfo>;
-  openSession(body: { session: string; target: HostPort; reply: HostPort }, signal: AbortSignal): Promise<void>;
+  openSession(body: SessionRequestBody, signal: AbortSignal): Promise<void>;
   /** Asks for one connect-back carrying `probe` (the start-up reachability check). */
-  probe(body: { probe: string; reply: HostPort }, signal: AbortSignal): Promise<void>;
+  probe(body: ProbeRequestBody, signal: AbortSignal): Promise<void>;
   /** Asks for one connect-back carrying `ready` that then waits for an Open (a ReadyPool's connection). */
-  ready(body: { ready: string; reply: HostPort }, signal: AbortSignal): Promise<void>;
+  ready(body: ReadyRequestBody, signal: AbortSignal): Promise<void>;
   /** Destroys pooled idle connections (after a NAT lost its state, they are dead). */
   dropIdleConnections(): void;
   close(): void;
@@ -72,27 +67,29 @@ export function makeCoordinatorClient(opts: { url: URL; token: string; trust: Tr
     responseType: "json",
   });
 
-  const call = async <T>(method: "get" | "post", path: string, data: unknown, signal: AbortSignal): Promise<T> => {
+  // A 2xx answer that does not match the contract is the coordinator's fault,
+  // named as such, field by field; nothing downstream sees an unchecked body.
+  const call = async <S extends z.ZodType>(method: "get" | "post", path: string, data: unknown, answer: S, signal: AbortSignal): Promise<z.infer<S>> => {
     let res;
     try {
       res = await http.request({ method, url: path, data, signal });
     } catch (err) {
       throw transportError(err, signal);
     }
-    if (res.status >= 200 && res.status < 300) return res.data as T;
-    throw responseError(res.status, res.data);
+    if (res.status < 200 || res.status >= 300) throw responseError(res.status, res.data);
+    return parseWith(answer, res.data, (problems) => new NatproxyError("COORDINATOR_REFUSED", `${method.toUpperCase()} ${path}: malformed answer (${problems})`));
   };
 
   return {
-    hello: (timeout) => call<HelloInfo>("get", "/v1/hello", undefined, AbortSignal.timeout(timeout)),
+    hello: (timeout) => call("get", API.hello, undefined, helloResponseSchema, AbortSignal.timeout(timeout)),
     openSession: async (body, signal) => {
-      await call("post", "/v1/sessions", body, signal);
+      await call("post", API.sessions, body, sessionResponseSchema, signal);
     },
     probe: async (body, signal) => {
-      await call("post", "/v1/probe", body, signal);
+      await call("post", API.probe, body, probeResponseSchema, signal);
     },
     ready: async (body, signal) => {
-      await call("post", "/v1/ready", body, signal);
+      await call("post", API.ready, body, readyResponseSchema, signal);
     },
     dropIdleConnections: () => {
       destroyIdleSockets(agent);
@@ -114,9 +111,9 @@ function transportError(err: unknown, signal: AbortSignal): NatproxyError {
 }
 
 export function responseError(status: number, data: unknown): NatproxyError {
-  const body = (data ?? {}) as { error?: { code?: unknown; message?: unknown } };
-  const code = body.error?.code;
-  const message = typeof body.error?.message === "string" ? body.error.message : `HTTP ${status}`;
+  const parsed = errorBodySchema.safeParse(data);
+  const code = parsed.data?.error.code;
+  const message = parsed.data?.error.message ?? `HTTP ${status}`;
   if (status === 401) return new NatproxyError("COORDINATOR_REFUSED", `the coordinator rejected our token (401); check [local] token`);
   if (isErrorCode(code) && code !== "INTERNAL" && code !== "BAD_REQUEST" && code !== "UNAUTHORIZED") {
     // The coordinator's message already starts with the code's text.

@@ -50,14 +50,17 @@ export class ConnectBackDialer implements ReadyDialer {
    * carrying that id. The first of "connect-back arrived", "the coordinator
    * answered with an error" and "connect_timeout passed" decides; once the
    * connect-back is here, its Result message says whether the target
-   * answered. Early bytes (an optimistic CONNECT) go as soon as it is here:
-   * the coordinator reads nothing from it before the target is connected.
+   * answered, within what is left of connect_timeout: the browser waits for
+   * one deadline, not one per step. Early bytes (an optimistic CONNECT) go as
+   * soon as it is here: the coordinator reads nothing from it before the
+   * target is connected.
    */
   async open(session: string, target: HostPort, signal?: AbortSignal, early?: EarlyBytes): Promise<DialedConnection> {
+    const deadline = performance.now() + this.#opts.connectTimeout;
     const socket = await this.#arrival((id, reply, abort) => this.#opts.coordinator.openSession({ session: id, target, reply }, abort), session, signal);
     early?.attach(socket);
     try {
-      const result = await awaitResult(socket, this.#opts.connectTimeout, target, signal);
+      const result = await awaitResult(socket, deadline, this.#opts.connectTimeout, target, signal);
       return { socket, overhead: SESSION_MESSAGE_SIZE + result.size, sentOverhead: 0 };
     } catch (err) {
       early?.detach(socket);
@@ -74,7 +77,13 @@ export class ConnectBackDialer implements ReadyDialer {
     const abort = new AbortController();
     const onCallerAbort = () => sessions.fail(id, new NatproxyError("CLIENT_GONE", "the browser went away"));
     signal?.addEventListener("abort", onCallerAbort, { once: true });
-    ask(id, state.publicAddress, abort.signal).catch((err: Error) => sessions.fail(id, err));
+    // The API call is part of the same attempt: a coordinator that connected
+    // back but never answers it does not hold the request (and its
+    // connection) past the attempt's deadline.
+    const cut = setTimeout(() => abort.abort(new NatproxyError("COORDINATOR_UNREACHABLE", `no answer to the API call within ${connectTimeout} ms`)), connectTimeout);
+    ask(id, state.publicAddress, abort.signal)
+      .catch((err: Error) => sessions.fail(id, err))
+      .finally(() => clearTimeout(cut));
     try {
       const socket = sockets.add(await arrival);
       socket.on("error", () => {});
@@ -91,13 +100,17 @@ export class ConnectBackDialer implements ReadyDialer {
   }
 }
 
-/** The coordinator's word on the target, which follows the session id on a connect-back. */
-async function awaitResult(socket: TLSSocket, timeout: number, target: HostPort, signal?: AbortSignal): Promise<{ size: number }> {
+/**
+ * The coordinator's word on the target, which follows the session id on a
+ * connect-back; due by `deadline` (a performance.now() time), the end of the
+ * attempt's `budget` ms.
+ */
+async function awaitResult(socket: TLSSocket, deadline: number, budget: number, target: HostPort, signal?: AbortSignal): Promise<{ size: number }> {
   let timedOut = false;
   const timer = setTimeout(() => {
     timedOut = true;
     socket.destroy();
-  }, timeout);
+  }, Math.max(0, deadline - performance.now()));
   const onAbort = () => socket.destroy();
   signal?.addEventListener("abort", onAbort, { once: true });
   try {
@@ -105,7 +118,7 @@ async function awaitResult(socket: TLSSocket, timeout: number, target: HostPort,
     return { size: HEADER_SIZE + msg.payload.length };
   } catch (err) {
     socket.destroy();
-    if (timedOut) throw new NatproxyError("TARGET_TIMEOUT", `${formatHostPort(target.host, target.port)}: the coordinator had no answer from it within ${timeout} ms`);
+    if (timedOut) throw new NatproxyError("TARGET_TIMEOUT", `${formatHostPort(target.host, target.port)}: the coordinator had no answer from it within ${budget} ms`);
     if (err instanceof NatproxyError) throw err;
     if (signal?.aborted) throw new NatproxyError("CLIENT_GONE", "the browser went away");
     throw new NatproxyError("COORDINATOR_REFUSED", `connect-back: ${(err as Error).message}`);
