@@ -4,7 +4,7 @@ import { z } from "zod";
 import { parseHostPort, type HostPort } from "./address.ts";
 import type { ErrorCode } from "./errors.ts";
 import { LOG_LEVELS } from "./log.ts";
-import { parseTargetRules } from "./coordinator/target-policy.ts";
+import { parseTargetLists, type TargetRules } from "./target-rules.ts";
 
 // Typed config with defaults filled in, then validation that reports every
 // problem at once (file, key, what is expected), so a user fixes the file in
@@ -100,7 +100,12 @@ const fileSchema = z.strictObject({
 
 export type Config = z.output<typeof fileSchema>;
 export type LocalConfig = Config["local"] & { reporterAddress: HostPort; coordinatorUrl: URL };
-export type CoordinatorConfig = Config["coordinator"];
+/**
+ * targetRules: allow_targets and deny_targets, parsed (the lists as written
+ * stay, for display). Their problems are reported for the coordinator role
+ * only; createTargetPolicy refuses rules that have any.
+ */
+export type CoordinatorConfig = Config["coordinator"] & { targetRules: TargetRules };
 export type ReporterConfig = Config["reporter"];
 /** Config values as a user writes them (TOML / flags): every key optional. */
 export type ConfigInput = z.input<typeof fileSchema>;
@@ -168,9 +173,9 @@ export function resolveConfig(raw: unknown, role: Role | "any", source = "config
   }
   const cfg = parsed.data;
   const local = validateLocal(cfg.local, role === "local", problems);
-  if (role === "coordinator") validateCoordinator(cfg.coordinator, problems);
+  const coordinator = validateCoordinator(cfg.coordinator, role === "coordinator", problems);
   if (problems.length > 0) throw new ConfigError(source, problems);
-  return { log_level: cfg.log_level, shutdown_timeout: cfg.shutdown_timeout, local, coordinator: cfg.coordinator, reporter: cfg.reporter };
+  return { log_level: cfg.log_level, shutdown_timeout: cfg.shutdown_timeout, local, coordinator, reporter: cfg.reporter };
 }
 
 function applyEnv(raw: Record<string, unknown>, env: NodeJS.ProcessEnv, problems: string[]): void {
@@ -277,7 +282,9 @@ function coordinatorHost(url: URL): string {
   return h.startsWith("[") && h.endsWith("]") ? h.slice(1, -1) : h;
 }
 
-function validateCoordinator(c: CoordinatorConfig, problems: string[]): void {
+function validateCoordinator(c: Config["coordinator"], required: boolean, problems: string[]): CoordinatorConfig {
+  const coordinator = { ...c, targetRules: parseTargetLists(c.allow_targets, c.deny_targets) };
+  if (!required) return coordinator;
   if (c.tokens.length === 0) problems.push("coordinator.tokens: at least one token is required; the coordinator never runs open (generate one with: openssl rand -hex 32)");
   c.tokens.forEach((t, i) => {
     if (t.length < 16) problems.push(`coordinator.tokens[${i}]: a token needs at least 16 characters, got ${t.length}`);
@@ -285,8 +292,8 @@ function validateCoordinator(c: CoordinatorConfig, problems: string[]): void {
   if (c.cert !== "") checkReadable("coordinator.cert", c.cert, problems);
   if (c.key !== "") checkReadable("coordinator.key", c.key, problems);
   if (c.key !== "" && c.cert === "") problems.push("coordinator.key: set coordinator.cert as well");
-  problems.push(...parseTargetRules(c.allow_targets, "coordinator.allow_targets").problems);
-  problems.push(...parseTargetRules(c.deny_targets, "coordinator.deny_targets").problems);
+  problems.push(...coordinator.targetRules.problems);
+  return coordinator;
 }
 
 function checkReadable(key: string, path: string, problems: string[]): void {

@@ -48,7 +48,7 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
     handshakeTimeout: config.handshake_timeout,
     idleTimeout: config.session_idle_timeout,
     finTimeout: config.fin_timeout,
-    policy: createTargetPolicy({ allow: config.allow_targets, deny: config.deny_targets }),
+    policy: createTargetPolicy(config.targetRules),
     limits: new SessionLimits(config.max_sessions, config.max_sessions_per_token),
     sockets,
     shutdown: shutdown.signal,
