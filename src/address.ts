@@ -1,4 +1,5 @@
 import { isIP } from "node:net";
+import ipaddr from "ipaddr.js";
 
 export interface HostPort {
   host: string;
@@ -41,9 +42,43 @@ export function formatHostPort(host: string, port: number): string {
   return isIP(host) === 6 ? `[${host}]:${port}` : `${host}:${port}`;
 }
 
+export type IPAddress = ipaddr.IPv4 | ipaddr.IPv6;
+
+/**
+ * An IP literal in the grammar net.isIP accepts (dotted-quad IPv4, IPv6
+ * without a zone id), parsed; undefined for anything else, including the
+ * other IPv4 spellings ipaddr.js would take.
+ */
+export function parseIP(text: string): IPAddress | undefined {
+  const family = isIP(text);
+  if (family === 0 || text.includes("%")) return undefined;
+  try {
+    if (family === 4) return ipaddr.IPv4.parse(text);
+    // ipaddr.js reads exactly "::a.b.c.d" as IPv4-mapped (::ffff:a.b.c.d);
+    // RFC 4291 makes it IPv4-compatible (::/96). Written "0::a.b.c.d" it is read so.
+    return ipaddr.IPv6.parse(/^::[0-9.]+$/.test(text) ? `0${text}` : text);
+  } catch {
+    return undefined;
+  }
+}
+
 // A dual-stack listener reports IPv4 peers as ::ffff:a.b.c.d; everything we
 // report or compare uses the plain IPv4 form.
 export function unmapIPv4(address: string): string {
-  const m = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/i.exec(address);
-  return m ? m[1] : address;
+  const ip = parseIP(address);
+  return ip instanceof ipaddr.IPv6 && ip.isIPv4MappedAddress() ? ip.toIPv4Address().toString() : address;
+}
+
+/** 4 or 16 bytes for an IPv4 or IPv6 literal (no zone id). */
+export function ipToBytes(text: string): Buffer {
+  const ip = parseIP(text);
+  if (ip === undefined) throw new RangeError(`"${text}" is not an IP address`);
+  return Buffer.from(ip.toByteArray());
+}
+
+/** RFC 5952 text: lower case, longest zero run as "::", IPv4-mapped in dotted form (as Node prints it). */
+export function bytesToIp(b: Buffer): string {
+  if (b.length !== 4 && b.length !== 16) throw new RangeError(`an IP address is 4 or 16 bytes, got ${b.length}`);
+  const ip = ipaddr.fromByteArray([...b]);
+  return ip instanceof ipaddr.IPv6 && ip.isIPv4MappedAddress() ? `::ffff:${ip.toIPv4Address()}` : ip.toString();
 }

@@ -7,7 +7,7 @@ import type { ErrorCode } from "./errors.ts";
 import { exposureWarning, fileProblem, readBoundedFile } from "./files.ts";
 import { applySecretEnv, applySecretFlags, resolveCoordinatorTokens, resolveLocalToken, secretsIn } from "./config-secrets.ts";
 import { LOG_LEVELS } from "./log.ts";
-import { parseTargetRules } from "./coordinator/target-policy.ts";
+import { parseTargetLists, parseTargetRules, type TargetRules } from "./target-rules.ts";
 
 // Typed config with defaults filled in, then validation that reports every
 // problem at once (file, key, what is expected), so a user fixes the file in
@@ -112,7 +112,12 @@ const fileSchema = z.strictObject({
 
 export type Config = z.output<typeof fileSchema>;
 export type LocalConfig = Config["local"] & { reporterAddress: HostPort; coordinatorUrl: URL };
-export type CoordinatorConfig = Config["coordinator"];
+/**
+ * targetRules: allow_targets and deny_targets, parsed (the lists as written
+ * stay, for display). Their problems are reported for the coordinator role
+ * only; createTargetPolicy refuses rules that have any.
+ */
+export type CoordinatorConfig = Config["coordinator"] & { targetRules: TargetRules; connectBackRules: TargetRules };
 export type ReporterConfig = Config["reporter"];
 /** Config values as a user writes them (TOML / flags): every key optional. */
 export type ConfigInput = z.input<typeof fileSchema>;
@@ -190,9 +195,9 @@ export function resolveConfig(raw: unknown, role: Role | "any", source = "config
   const cfg = parsed.data;
   const warnings: string[] = [];
   const local = validateLocal(cfg.local, role === "local", problems, warnings);
-  if (role === "coordinator") validateCoordinator(cfg.coordinator, problems, warnings);
+  const coordinator = validateCoordinator(cfg.coordinator, role === "coordinator", problems, warnings);
   if (problems.length > 0) throw new ConfigError(source, problems);
-  return { log_level: cfg.log_level, shutdown_timeout: cfg.shutdown_timeout, local, coordinator: cfg.coordinator, reporter: cfg.reporter, warnings };
+  return { log_level: cfg.log_level, shutdown_timeout: cfg.shutdown_timeout, local, coordinator, reporter: cfg.reporter, warnings };
 }
 
 function applyEnv(raw: Record<string, unknown>, env: NodeJS.ProcessEnv, problems: string[]): void {
@@ -300,7 +305,15 @@ function coordinatorHost(url: URL): string {
   return h.startsWith("[") && h.endsWith("]") ? h.slice(1, -1) : h;
 }
 
-function validateCoordinator(c: CoordinatorConfig, problems: string[], warnings: string[]): void {
+function validateCoordinator(raw: Config["coordinator"], required: boolean, problems: string[], warnings: string[]): CoordinatorConfig {
+  const back = parseTargetRules(raw.allow_connect_back, "coordinator.allow_connect_back");
+  const c: CoordinatorConfig = {
+    ...raw,
+    targetRules: parseTargetLists(raw.allow_targets, raw.deny_targets),
+    // Connect-backs are judged by the default ranges and allow_connect_back alone.
+    connectBackRules: { allow: back.rules, deny: [], problems: back.problems },
+  };
+  if (!required) return c;
   resolveCoordinatorTokens(c, problems, warnings);
   if (c.tokens.length === 0) problems.push("coordinator.tokens: at least one token is required; the coordinator never runs open (generate one with: openssl rand -hex 32)");
   c.tokens.forEach((t, i) => {
@@ -313,12 +326,11 @@ function validateCoordinator(c: CoordinatorConfig, problems: string[], warnings:
   const keyFile = c.key !== "" ? c.key : c.cert;
   const exposed = keyFile === "" ? undefined : exposureWarning(keyFile, "the coordinator's private key");
   if (exposed) warnings.push(exposed);
-  problems.push(...parseTargetRules(c.allow_targets, "coordinator.allow_targets").problems);
-  problems.push(...parseTargetRules(c.deny_targets, "coordinator.deny_targets").problems);
-  problems.push(...parseTargetRules(c.allow_connect_back, "coordinator.allow_connect_back").problems);
+  problems.push(...c.targetRules.problems, ...c.connectBackRules.problems);
   c.own_addresses.forEach((a, i) => {
     if (isIP(a) === 0) problems.push(`coordinator.own_addresses[${i}]: expected an IP address, got "${a}"`);
   });
+  return c;
 }
 
 function checkReadable(key: string, path: string, problems: string[]): void {

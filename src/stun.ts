@@ -1,11 +1,12 @@
-import { createHmac, randomBytes, timingSafeEqual } from "node:crypto";
-import { isIP } from "node:net";
+import { randomBytes } from "node:crypto";
 import { crc32 } from "node:zlib";
+import { bytesToIp, ipToBytes } from "./address.ts";
 import { NatproxyError } from "./errors.ts";
 
-// STUN (RFC 8489) as the reporter link uses it: Binding over TCP. The decoder
-// is strict because everything it reads comes from an untrusted peer; every
-// refusal is a StunError whose detail names the offending field.
+// STUN (RFC 8489) as the reporter link uses it: Binding over TCP (framed by
+// stun-framer.ts). The decoder is strict because everything it reads comes
+// from an untrusted peer; every refusal is a StunError whose detail names the
+// offending field.
 
 export const MAGIC_COOKIE = 0x2112a442;
 export const HEADER_SIZE = 20;
@@ -47,7 +48,7 @@ export type StunAttribute =
   | { kind: "USERNAME"; value: string }
   | { kind: "ERROR-CODE"; code: number; reason: string }
   | { kind: "UNKNOWN-ATTRIBUTES"; types: number[] }
-  /** Only produced by the decoder; encodeMessage computes it from `integrityKey`. */
+  /** Only produced by the decoder. natproxy uses no STUN credentials: it neither checks nor sends one. */
   | { kind: "MESSAGE-INTEGRITY"; value: Buffer }
   /** Only produced by the decoder; encodeMessage computes it when `fingerprint` is set. */
   | { kind: "FINGERPRINT"; value: number }
@@ -66,13 +67,9 @@ export interface StunMessage {
 export interface DecodedStunMessage extends StunMessage {
   /** The bytes the message was decoded from. */
   raw: Buffer;
-  /** Byte offset of MESSAGE-INTEGRITY in `raw`, when present. */
-  integrityOffset?: number;
 }
 
 export interface EncodeOptions {
-  /** Short-term credential (the password, UTF-8) or a ready key: adds MESSAGE-INTEGRITY. */
-  integrityKey?: Buffer | string;
   /** Adds FINGERPRINT as the last attribute. */
   fingerprint?: boolean;
   /** Value of padding bytes; RFC 8489 says any, 0 is usual (RFC 5769's vectors use 0x20). */
@@ -136,8 +133,7 @@ export function encodeMessage(msg: StunMessage, opts: EncodeOptions = {}): Buffe
   const pad = opts.padding ?? 0;
   const parts: Buffer[] = [];
   for (const attr of msg.attributes) {
-    if (attr.kind === "MESSAGE-INTEGRITY" || attr.kind === "FINGERPRINT")
-      throw new RangeError(`${attr.kind} is computed by encodeMessage; pass integrityKey / fingerprint instead`);
+    if (attr.kind === "FINGERPRINT") throw new RangeError("FINGERPRINT is computed by encodeMessage; pass fingerprint: true instead");
     const [type, value] = encodeAttributeValue(attr, msg.transactionId);
     parts.push(tlv(type, value, pad));
   }
@@ -147,12 +143,6 @@ export function encodeMessage(msg: StunMessage, opts: EncodeOptions = {}): Buffe
   header.writeUInt32BE(MAGIC_COOKIE, 4);
   msg.transactionId.copy(header, 8);
 
-  if (opts.integrityKey !== undefined) {
-    // The HMAC covers the header with a length that already counts MESSAGE-INTEGRITY itself.
-    header.writeUInt16BE(body.length + 24, 2);
-    const hmac = createHmac("sha1", toKey(opts.integrityKey)).update(header).update(body).digest();
-    body = Buffer.concat([body, tlv(ATTR.MESSAGE_INTEGRITY, hmac, pad)]);
-  }
   if (opts.fingerprint) {
     header.writeUInt16BE(body.length + 8, 2);
     const crc = (crc32(body, crc32(header)) ^ FINGERPRINT_XOR) >>> 0;
@@ -163,12 +153,6 @@ export function encodeMessage(msg: StunMessage, opts: EncodeOptions = {}): Buffe
   header.writeUInt16BE(body.length, 2);
   if (body.length > 0xffff) throw new RangeError(`STUN message body of ${body.length} bytes does not fit the 16-bit length`);
   return Buffer.concat([header, body]);
-}
-
-function toKey(key: Buffer | string): Buffer {
-  // Short-term credentials use the password itself (RFC 8489 §9.1.1); OpaqueString
-  // preparation is the identity for the ASCII passwords this project uses.
-  return typeof key === "string" ? Buffer.from(key, "utf8") : key;
 }
 
 function tlv(type: number, value: Buffer, pad: number): Buffer {
@@ -249,7 +233,7 @@ export function decodeMessage(buf: Buffer): DecodedStunMessage {
   const { method, class: cls } = splitMessageType(buf.readUInt16BE(0));
   const transactionId = Buffer.from(buf.subarray(8, 20));
   const attributes: StunAttribute[] = [];
-  let integrityOffset: number | undefined;
+  let sawIntegrity = false;
   let offset = HEADER_SIZE;
   while (offset < buf.length) {
     if (buf.length - offset < 4) throw new StunError(`truncated attribute header at byte ${offset}`);
@@ -268,24 +252,22 @@ export function decodeMessage(buf: Buffer): DecodedStunMessage {
       const got = value.readUInt32BE(0);
       if (got !== expected) throw new StunError(`FINGERPRINT mismatch: message says 0x${hex32(got)}, content gives 0x${hex32(expected)}`);
       attributes.push({ kind: "FINGERPRINT", value: got });
-    } else if (integrityOffset !== undefined) {
+    } else if (sawIntegrity) {
       // RFC 8489 §14.5: everything after MESSAGE-INTEGRITY except FINGERPRINT is ignored.
     } else if (type === ATTR.MESSAGE_INTEGRITY) {
       if (len !== 20) throw new StunError(`MESSAGE-INTEGRITY must be 20 bytes, got ${len}`);
-      integrityOffset = offset;
+      sawIntegrity = true;
       attributes.push({ kind: "MESSAGE-INTEGRITY", value: Buffer.from(value) });
     } else {
       attributes.push(decodeAttribute(type, value, transactionId));
     }
     offset = padded;
   }
-  const msg: DecodedStunMessage = { method, class: cls, transactionId, attributes, raw: buf };
-  if (integrityOffset !== undefined) msg.integrityOffset = integrityOffset;
-  return msg;
+  return { method, class: cls, transactionId, attributes, raw: buf };
 }
 
 /** Checks whatever part of the 20-byte header `buf` holds; the framer calls it before the header is complete. */
-function checkHeaderPrefix(buf: Buffer): void {
+export function checkHeaderPrefix(buf: Buffer): void {
   if (buf.length < 1) throw new StunError("empty message");
   if ((buf[0] & 0xc0) !== 0) throw new StunError(`first byte 0x${buf[0].toString(16).padStart(2, "0")} has its top two bits set: not STUN`);
   if (buf.length >= 4) {
@@ -369,119 +351,6 @@ export function verifyFingerprint(buf: Buffer): boolean {
   return buf.readUInt32BE(offset + 4) === fingerprintOf(buf, offset);
 }
 
-/** Checks MESSAGE-INTEGRITY (HMAC-SHA1) with a short-term password or key; refuses a message without one. */
-export function verifyMessageIntegrity(msg: DecodedStunMessage, key: Buffer | string): boolean {
-  const at = msg.integrityOffset;
-  if (at === undefined) throw new StunError("message has no MESSAGE-INTEGRITY");
-  const header = Buffer.from(msg.raw.subarray(0, HEADER_SIZE));
-  header.writeUInt16BE(at + 24 - HEADER_SIZE, 2);
-  const expected = createHmac("sha1", toKey(key)).update(header).update(msg.raw.subarray(HEADER_SIZE, at)).digest();
-  return timingSafeEqual(expected, msg.raw.subarray(at + 4, at + 24));
-}
-
 function hex32(n: number): string {
   return n.toString(16).padStart(8, "0");
-}
-
-// ---------------------------------------------------------------- addresses
-
-/** 4 or 16 bytes for an IPv4 or IPv6 literal (no zone id). */
-export function ipToBytes(text: string): Buffer {
-  const kind = isIP(text);
-  if (kind === 4) return Buffer.from(text.split(".").map(Number));
-  if (kind !== 6 || text.includes("%")) throw new RangeError(`"${text}" is not an IP address`);
-  // An embedded dotted quad is the last two groups written another way.
-  const s = text.replace(/(\d+)\.(\d+)\.(\d+)\.(\d+)$/, (_m, a: string, b: string, c: string, d: string) =>
-    `${((Number(a) << 8) | Number(b)).toString(16)}:${((Number(c) << 8) | Number(d)).toString(16)}`,
-  );
-  const parse = (part: string) => (part === "" ? [] : part.split(":").map((g) => parseInt(g, 16)));
-  const dbl = s.indexOf("::");
-  let groups: number[];
-  if (dbl >= 0) {
-    const head = parse(s.slice(0, dbl));
-    const rest = parse(s.slice(dbl + 2));
-    groups = [...head, ...new Array<number>(8 - head.length - rest.length).fill(0), ...rest];
-  } else {
-    groups = parse(s);
-  }
-  if (groups.length !== 8 || groups.some((g) => !(g >= 0 && g <= 0xffff))) throw new RangeError(`"${text}" is not an IPv6 address`);
-  const out = Buffer.alloc(16);
-  groups.forEach((g, i) => out.writeUInt16BE(g, i * 2));
-  return out;
-}
-
-/** RFC 5952 text: lower case, longest zero run as "::", IPv4-mapped in dotted form (as Node prints it). */
-export function bytesToIp(b: Buffer): string {
-  if (b.length === 4) return `${b[0]}.${b[1]}.${b[2]}.${b[3]}`;
-  if (b.length !== 16) throw new RangeError(`an IP address is 4 or 16 bytes, got ${b.length}`);
-  if (b.subarray(0, 10).every((x) => x === 0) && b[10] === 0xff && b[11] === 0xff) return `::ffff:${b[12]}.${b[13]}.${b[14]}.${b[15]}`;
-  const g: number[] = [];
-  for (let i = 0; i < 16; i += 2) g.push(b.readUInt16BE(i));
-  let bestStart = -1;
-  let bestLen = 0;
-  for (let i = 0; i < 8; ) {
-    if (g[i] !== 0) {
-      i++;
-      continue;
-    }
-    let j = i;
-    while (j < 8 && g[j] === 0) j++;
-    if (j - i > bestLen) {
-      bestStart = i;
-      bestLen = j - i;
-    }
-    i = j;
-  }
-  const hexs = g.map((x) => x.toString(16));
-  if (bestLen < 2) return hexs.join(":");
-  return `${hexs.slice(0, bestStart).join(":")}::${hexs.slice(bestStart + bestLen).join(":")}`;
-}
-
-// ---------------------------------------------------------------- TCP framing
-
-/**
- * RFC 8489 §6.2.2: over TCP, messages follow each other with no other framing
- * than the header's length field. Feed it arbitrary chunks; it returns whole
- * messages and throws a StunError as soon as the bytes cannot be STUN or a
- * message would exceed `maxMessageSize`. After a throw it stays failed, since
- * the stream has no way to resynchronise.
- */
-export class StunFramer {
-  readonly maxMessageSize: number;
-  #pending: Buffer = Buffer.alloc(0);
-  #failed: StunError | undefined;
-
-  constructor(maxMessageSize: number = MAX_MESSAGE_SIZE) {
-    if (!Number.isInteger(maxMessageSize) || maxMessageSize < HEADER_SIZE) throw new RangeError(`maxMessageSize ${maxMessageSize} is below the header size`);
-    this.maxMessageSize = maxMessageSize;
-  }
-
-  /** Bytes held while waiting for the rest of a message. */
-  get buffered(): number {
-    return this.#pending.length;
-  }
-
-  push(chunk: Buffer): Buffer[] {
-    if (this.#failed) throw this.#failed;
-    let buf = this.#pending.length === 0 ? chunk : Buffer.concat([this.#pending, chunk]);
-    const out: Buffer[] = [];
-    try {
-      while (buf.length > 0) {
-        checkHeaderPrefix(buf.subarray(0, HEADER_SIZE));
-        if (buf.length < 4) break;
-        const total = HEADER_SIZE + buf.readUInt16BE(2);
-        if (total > this.maxMessageSize) throw new StunError(`message of ${total} bytes exceeds the limit of ${this.maxMessageSize}`);
-        if (buf.length < total) break;
-        out.push(Buffer.from(buf.subarray(0, total)));
-        buf = buf.subarray(total);
-      }
-    } catch (err) {
-      this.#pending = Buffer.alloc(0);
-      this.#failed = err as StunError;
-      throw err;
-    }
-    // Copy so a partial message does not pin a large chunk in memory.
-    this.#pending = Buffer.from(buf);
-    return out;
-  }
 }

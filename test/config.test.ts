@@ -4,6 +4,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { test } from "node:test";
 import { ConfigError, loadConfig, resolveConfig } from "../src/config.ts";
+import { createTargetPolicy } from "../src/coordinator/target-policy.ts";
 
 const dir = mkdtempSync(join(tmpdir(), "natproxy-config-"));
 let n = 0;
@@ -125,4 +126,28 @@ test("file errors: missing file, broken TOML, bad NAT_KEEP_ALIVE_INTERVAL", () =
   assert.match(problems(() => loadConfig({ path: join(dir, "missing.toml"), role: "reporter" })).join(), /cannot read the file: ENOENT/);
   assert.match(problems(() => loadConfig({ path: file("[local\n"), role: "reporter" })).join(), /not valid TOML/);
   assert.match(problems(() => loadConfig({ path: file(LOCAL_OK), role: "local", env: { NAT_KEEP_ALIVE_INTERVAL: "1s" } })).join(), /NAT_KEEP_ALIVE_INTERVAL: expected whole milliseconds/);
+});
+
+test("target rules: parsed once by the validation, the lists as written kept; both lists' problems reported together", () => {
+  const c = resolveConfig({ coordinator: { tokens: [TOKEN], allow_targets: ["10.0.0.0/8:8000-8100", "intranet.example"], deny_targets: ["[2001:db8::/32]:443"] } }, "coordinator").coordinator;
+  assert.deepEqual(c.allow_targets, ["10.0.0.0/8:8000-8100", "intranet.example"]);
+  assert.deepEqual(c.targetRules.allow.map((r) => [r.entry, r.target.kind, r.ports]), [
+    ["10.0.0.0/8:8000-8100", "net", { min: 8000, max: 8100 }],
+    ["intranet.example", "host", undefined],
+  ]);
+  assert.deepEqual(c.targetRules.deny.map((r) => r.entry), ["[2001:db8::/32]:443"]);
+  assert.deepEqual(c.targetRules.problems, []);
+  const policy = createTargetPolicy(c.targetRules);
+  assert.deepEqual(policy.checkName("10.1.2.3", 8000), { allowed: true });
+  assert.equal(policy.checkName("2001:db8::1", 443).allowed, false);
+
+  const bad = { coordinator: { tokens: [TOKEN], allow_targets: ["ok.example", "bad host"], deny_targets: ["10.0.0.1/8"] } };
+  const list = problems(() => resolveConfig(bad, "coordinator"));
+  assert.equal(list.length, 2, list.join("\n"));
+  assert.match(list[0], /^coordinator\.allow_targets\[1\]: "bad host"/);
+  assert.match(list[1], /^coordinator\.deny_targets\[0\]: "10\.0\.0\.1\/8" has bits set after the prefix; did you mean 10\.0\.0\.0\/8\?/);
+  // Other roles do not judge the coordinator's rules, and a policy refuses to start from rules with problems.
+  const other = resolveConfig(bad, "reporter").coordinator.targetRules;
+  assert.equal(other.problems.length, 2);
+  assert.throws(() => createTargetPolicy(other), /invalid target rules:\n  - coordinator\.allow_targets\[1\]/);
 });

@@ -8,7 +8,8 @@ import { test } from "node:test";
 import type { ReporterConfig } from "../src/config.ts";
 import { setLogLevel } from "../src/log.ts";
 import * as reporterModule from "../src/reporter/index.ts";
-import { decodeMessage, encodeMessage, getAttribute, METHOD_BINDING, newTransactionId, StunFramer, type DecodedStunMessage } from "../src/stun.ts";
+import { decodeMessage, encodeMessage, getAttribute, METHOD_BINDING, newTransactionId, type DecodedStunMessage } from "../src/stun.ts";
+import { StunFramer } from "../src/stun-framer.ts";
 import { captureLogs } from "./helpers/logs.ts";
 
 setLogLevel("silent");

@@ -13,10 +13,10 @@ import {
   getAttribute,
   METHOD_BINDING,
   newTransactionId,
-  StunFramer,
   type DecodedStunMessage,
   type StunMessage,
 } from "../src/stun.ts";
+import { StunFramer } from "../src/stun-framer.ts";
 import { SOFTWARE } from "../src/version.ts";
 
 setLogLevel("silent");

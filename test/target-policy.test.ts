@@ -2,16 +2,16 @@ import assert from "node:assert/strict";
 import dns from "node:dns";
 import net from "node:net";
 import { test } from "node:test";
+import { DEFAULT_REFUSED_RANGES } from "../src/coordinator/address-ranges.ts";
 import {
   createTargetPolicy,
-  DEFAULT_REFUSED_RANGES,
-  normalizeHost,
-  parseTargetRules,
   TargetForbiddenError,
   type LookupAll,
   type PolicyDecision,
   type TargetPolicy,
+  type TargetPolicyOptions,
 } from "../src/coordinator/target-policy.ts";
+import { normalizeHost, parseTargetLists, parseTargetRules, type TargetRules } from "../src/target-rules.ts";
 
 const PORT = 443;
 
@@ -24,7 +24,14 @@ function allowed(d: PolicyDecision, label = ""): void {
   assert.deepEqual(d, { allowed: true }, `${label} should be allowed`);
 }
 
-const defaultPolicy = createTargetPolicy({ allow: [], deny: [] });
+/** A policy from rule lists as a configuration writes them (which must parse). */
+function policyOf(opts: { allow: string[]; deny: string[] } & Omit<TargetPolicyOptions, keyof TargetRules>): TargetPolicy {
+  const rules = parseTargetLists(opts.allow, opts.deny);
+  assert.deepEqual(rules.problems, []);
+  return createTargetPolicy({ ...opts, ...rules });
+}
+
+const defaultPolicy = policyOf({ allow: [], deny: [] });
 
 // Public sample addresses must not be one of this machine's own addresses
 // (a sandbox may well sit on a documentation range).
@@ -58,6 +65,48 @@ test("normalizeHost: IPv6 brackets, zones, mapped forms and names", () => {
   assert.deepEqual(normalizeHost("Www.Example.COM"), { kind: "name", name: "www.example.com" });
   assert.deepEqual(normalizeHost("0x7f.example.com"), { kind: "name", name: "0x7f.example.com" });
   assert.deepEqual(normalizeHost("_srv.example-1.com"), { kind: "name", name: "_srv.example-1.com" });
+});
+
+// Where ipaddr.js, used as it comes, reads an address otherwise than the
+// hand-written parser it replaced did (found by running both side by side):
+// "::a.b.c.d" is IPv4-compatible (RFC 4291), not IPv4-mapped, whether a client
+// writes it so or Node prints it so (Node spells ::ffff:7f00 "::255.255.127.0"),
+// and a leading "::" may stand for a single zero group.
+test("normalizeHost and rules: IPv4-compatible dotted forms and a one-group \"::\" read as before", () => {
+  assert.deepEqual(normalizeHost("::127.0.0.1"), { kind: "ipv6", address: "::127.0.0.1" });
+  assert.deepEqual(normalizeHost("::7f00:1"), { kind: "ipv6", address: "::127.0.0.1" });
+  assert.deepEqual(normalizeHost("[::10.1.2.3]"), { kind: "ipv6", address: "::10.1.2.3" });
+  assert.deepEqual(normalizeHost("::2:3:4:5:6:7:8"), { kind: "ipv6", address: "0:2:3:4:5:6:7:8" });
+  assert.deepEqual(normalizeHost("::ffff:7f00"), { kind: "ipv6", address: "::255.255.127.0" });
+  assert.deepEqual(defaultPolicy.checkName("::127.0.0.1", PORT), {
+    allowed: false,
+    reason: '::127.0.0.1 is an address that embeds IPv4 127.0.0.1 (IPv4-compatible, ::/96), which is a loopback address (127.0.0.0/8); add "::127.0.0.1" to [coordinator] allow_targets to permit it',
+  });
+  assert.deepEqual(defaultPolicy.checkName("::ffff:7f00", PORT), {
+    allowed: false,
+    reason: '::ffff:7f00 (::255.255.127.0) is an address that embeds IPv4 255.255.127.0 (IPv4-compatible, ::/96), which is a reserved address (240.0.0.0/4); add "::255.255.127.0" to [coordinator] allow_targets to permit it',
+  });
+  assert.deepEqual(defaultPolicy.checkAddress("rebind.example", "::ffff:7f00", 6, PORT), {
+    allowed: false,
+    reason: 'rebind.example resolved to ::255.255.127.0, which is an address that embeds IPv4 255.255.127.0 (IPv4-compatible, ::/96), which is a reserved address (240.0.0.0/4); add "::255.255.127.0" to [coordinator] allow_targets to permit it',
+  });
+  const c = defaultPolicy.connectOptions("::2:3:4:5:6:7:8", PORT);
+  assert.ok(c.allowed && c.host === "0:2:3:4:5:6:7:8", JSON.stringify(c));
+
+  const { rules, problems } = parseTargetRules(["::2:3:4:5:6:7:8", "::10.1.2.3", "::10.0.0.0/104", "::61d4:0:0:9:0:c:443"], "k");
+  assert.deepEqual(problems, []);
+  assert.deepEqual(rules.map((r) => (r.target.kind === "net" ? `${r.target.family} ${r.target.cidr}` : r.target.kind)), [
+    "ipv6 ::2:3:4:5:6:7:8/128",
+    "ipv6 ::10.1.2.3/128",
+    "ipv6 ::10.0.0.0/104",
+    "ipv6 ::61d4:0:0:9:0:c:443/128",
+  ]);
+  const policy = policyOf({ allow: ["::10.1.2.3", "::10.0.0.0/104"], deny: ["::2:3:4:5:6:7:8"] });
+  allowed(policy.checkName("::a01:203", PORT), "the compatible address allow_targets names");
+  allowed(policy.checkName("::10.9.9.9", PORT), "inside the compatible CIDR");
+  refused(policy.checkName("10.1.2.3", PORT), /private address \(10\.0\.0\.0\/8\)/, "the IPv4 address itself is another address");
+  refused(policy.checkName("::ffff:10.1.2.3", PORT), /private address/, "so is the mapped one");
+  refused(policy.checkName("0:2:3:4:5:6:7:8", PORT), /deny_targets entry "::2:3:4:5:6:7:8"/);
 });
 
 test("normalizeHost: numeric-looking hosts that are no address are invalid, not names", () => {
@@ -175,11 +224,13 @@ test("documentation ranges are public for the default policy (the NAT lab's inte
     allowed(defaultPolicy.checkAddress("lab.example", a, net.isIP(a), 80), a);
   }
   for (const a of ["1.1.1.1", "8.8.8.8", "2606:4700:4700::1111", "172.32.0.1", "172.15.255.255", "100.128.0.1", "198.20.0.1"]) allowed(defaultPolicy.checkName(a, 80), a);
+  // Special ranges to ipaddr.js ("reserved" like 240.0.0.0/4, IPv6 "benchmarking", "discard"); never refused by the policy.
+  for (const a of ["192.0.0.8", "192.88.99.1", "2001:2::1", "100::1", "3fff::1"]) allowed(defaultPolicy.checkName(a, 80), a);
   allowed(defaultPolicy.checkName("example.com", 80));
 });
 
 test("the coordinator's own addresses are refused: interfaces and extra ones", () => {
-  const policy = createTargetPolicy({ allow: [], deny: [], ownAddresses: ["203.0.113.77", "2001:db8::77", "::ffff:198.51.100.77"] });
+  const policy = policyOf({ allow: [], deny: [], ownAddresses: ["203.0.113.77", "2001:db8::77", "::ffff:198.51.100.77"] });
   refused(policy.checkName("203.0.113.77", 443), /203\.0\.113\.77 is an address of the coordinator itself; add "203\.0\.113\.77" to \[coordinator\] allow_targets/);
   refused(policy.checkName("2001:db8::77", 443), /coordinator itself/);
   refused(policy.checkName("198.51.100.77", 443), /coordinator itself/);
@@ -187,12 +238,12 @@ test("the coordinator's own addresses are refused: interfaces and extra ones", (
   allowed(policy.checkName("203.0.113.78", 443));
   for (const a of policy.ownAddresses) refused(policy.checkAddress("me.example", a, net.isIP(a), 443), /resolved to/, a);
   assert.ok(policy.ownAddresses.includes("127.0.0.1"), "interfaces are read at creation");
-  allowed(createTargetPolicy({ allow: ["203.0.113.77"], deny: [], ownAddresses: ["203.0.113.77"] }).checkName("203.0.113.77", 443));
-  assert.throws(() => createTargetPolicy({ allow: [], deny: [], ownAddresses: ["me.example"] }), /ownAddresses\[0\]: "me\.example" is not an IP address/);
+  allowed(policyOf({ allow: ["203.0.113.77"], deny: [], ownAddresses: ["203.0.113.77"] }).checkName("203.0.113.77", 443));
+  assert.throws(() => policyOf({ allow: [], deny: [], ownAddresses: ["me.example"] }), /ownAddresses\[0\]: "me\.example" is not an IP address/);
 });
 
 test("precedence: deny beats allow, allow beats the default ranges", () => {
-  const policy = createTargetPolicy({ allow: ["10.0.0.0/8", "127.0.0.1", "::1", "fd00::/8", "intranet.example"], deny: ["10.9.0.0/16", "203.0.113.0/24", "2001:db8:bad::/48"] });
+  const policy = policyOf({ allow: ["10.0.0.0/8", "127.0.0.1", "::1", "fd00::/8", "intranet.example"], deny: ["10.9.0.0/16", "203.0.113.0/24", "2001:db8:bad::/48"] });
   allowed(policy.checkName("10.1.2.3", 80));
   allowed(policy.checkName("0xa010203", 80), "hex spelling of an allowed address");
   allowed(policy.checkName("127.0.0.1", 80));
@@ -212,14 +263,14 @@ test("precedence: deny beats allow, allow beats the default ranges", () => {
   refused(policy.checkAddress("intranet.example", "10.9.0.1", 4, 80), /intranet\.example resolved to 10\.9\.0\.1, which is refused by \[coordinator\] deny_targets entry/);
   refused(policy.checkAddress("other.example", "192.168.1.10", 4, 80), /other\.example resolved to 192\.168\.1\.10, which is a private address/);
   // Deny by name wins over allow by address.
-  const byName = createTargetPolicy({ allow: ["127.0.0.1"], deny: ["localhost"] });
+  const byName = policyOf({ allow: ["127.0.0.1"], deny: ["localhost"] });
   refused(byName.checkName("LOCALHOST.", 80), /localhost is refused by \[coordinator\] deny_targets entry "localhost"/);
   refused(byName.checkAddress("localhost", "127.0.0.1", 4, 80), /deny_targets/);
   allowed(byName.checkName("127.0.0.1", 80));
 });
 
 test("host patterns: exact names, *. subdomains only, case and trailing dot ignored", () => {
-  const policy = createTargetPolicy({ allow: [], deny: ["Example.COM.", "*.corp.example"] });
+  const policy = policyOf({ allow: [], deny: ["Example.COM.", "*.corp.example"] });
   refused(policy.checkName("example.com", 443), /deny_targets entry "Example\.COM\."/);
   refused(policy.checkName("EXAMPLE.com.", 443));
   allowed(policy.checkName("www.example.com", 443));
@@ -230,9 +281,9 @@ test("host patterns: exact names, *. subdomains only, case and trailing dot igno
   allowed(policy.checkName("xcorp.example", 443));
   allowed(policy.checkName("corp.example.evil.test", 443));
   // Patterns never match IP literals.
-  allowed(createTargetPolicy({ allow: [], deny: ["*.example"] }).checkName("203.0.113.5", 443));
+  allowed(policyOf({ allow: [], deny: ["*.example"] }).checkName("203.0.113.5", 443));
   // An allowed pattern lets the name through to any address.
-  const allow = createTargetPolicy({ allow: ["*.lab.example"], deny: [] });
+  const allow = policyOf({ allow: ["*.lab.example"], deny: [] });
   allowed(allow.checkAddress("db.lab.example", "10.0.0.5", 4, 5432));
   refused(allow.checkAddress("lab.example", "10.0.0.5", 4, 5432), /private/);
 });
@@ -240,7 +291,7 @@ test("host patterns: exact names, *. subdomains only, case and trailing dot igno
 test("ports: every port by default; deny and allow entries can name ports and ranges", () => {
   allowed(defaultPolicy.checkName("203.0.113.5", 1));
   allowed(defaultPolicy.checkName("203.0.113.5", 65535));
-  const policy = createTargetPolicy({
+  const policy = policyOf({
     allow: ["10.0.0.0/8:8000-8100", "127.0.0.1:*", "[fd00::/8]:443", "*.lab.example:22"],
     deny: ["*:25", "*.example.com:443", "[2001:db8::/32]:443", "203.0.113.9:1-1023"],
   });
@@ -318,9 +369,9 @@ test("rule parsing: every problem is reported at once, naming the entry and what
   assert.match(problems[13], /zone ids/);
   assert.match(problems[15], /expected a string, got number/);
   assert.deepEqual(parseTargetRules("10.0.0.0/8", "k").problems, ["k: expected a list of strings"]);
-  // createTargetPolicy reports both lists in one error.
+  // Both lists' problems are reported together, and a policy refuses to start from them.
   assert.throws(
-    () => createTargetPolicy({ allow: ["ok.example", "bad host"], deny: ["10.0.0.1/8", "*.ok.example", ":"] }),
+    () => createTargetPolicy(parseTargetLists(["ok.example", "bad host"], ["10.0.0.1/8", "*.ok.example", ":"])),
     (err: Error) => {
       assert.match(err.message, /coordinator\.allow_targets\[1\]: "bad host"/);
       assert.match(err.message, /coordinator\.deny_targets\[0\]: "10\.0\.0\.1\/8"/);
@@ -348,7 +399,7 @@ function callLookup(lookup: net.LookupFunction, host: string, options: dns.Looku
 }
 
 test("lookup: refused addresses are dropped, all: true and single-address forms; none left is ETARGETFORBIDDEN", async () => {
-  const policy = createTargetPolicy({
+  const policy = policyOf({
     allow: [],
     deny: ["203.0.113.66"],
     dnsLookup: fakeDns({
@@ -402,11 +453,11 @@ test("lookup: numeric spellings are answered in normal form, never handed to get
     asked++;
     cb(null, [{ address: "203.0.113.1", family: 4 }]);
   };
-  const open = createTargetPolicy({ allow: ["127.0.0.1"], deny: [], dnsLookup: counting });
+  const open = policyOf({ allow: ["127.0.0.1"], deny: [], dnsLookup: counting });
   const r = await callLookup(open.lookupFor(80), "0x7f.1", { all: true });
   assert.equal(r.err, null);
   assert.deepEqual(r.address, [{ address: "127.0.0.1", family: 4 }]);
-  const strict = createTargetPolicy({ allow: [], deny: [], dnsLookup: counting });
+  const strict = policyOf({ allow: [], deny: [], dnsLookup: counting });
   const s = await callLookup(strict.lookupFor(80), "0x7f.1", {});
   assert.equal(s.err?.code, "ETARGETFORBIDDEN");
   assert.match(s.err?.message ?? "", /0x7f\.1 \(127\.0\.0\.1\) is a loopback address/);
@@ -414,7 +465,7 @@ test("lookup: numeric spellings are answered in normal form, never handed to get
 });
 
 test("lookup without a port: deny entries naming ports fail safe, allow entries naming ports do not apply", async () => {
-  const policy = createTargetPolicy({
+  const policy = policyOf({
     allow: ["127.0.0.1:8080"],
     deny: ["203.0.113.0/24:25"],
     dnsLookup: fakeDns({ "mail.example": [{ address: "203.0.113.25", family: 4 }], "loop.example": [{ address: "127.0.0.1", family: 4 }] }),
@@ -429,11 +480,11 @@ test("lookup without a port: deny entries naming ports fail safe, allow entries 
 });
 
 test("connectOptions: literals are normalised (net.connect skips lookup for them) and checked", () => {
-  const strict = createTargetPolicy({ allow: [], deny: [] });
+  const strict = policyOf({ allow: [], deny: [] });
   refused(strict.connectOptions("::ffff:127.0.0.1", 80), /loopback/);
   refused(strict.connectOptions("0x7f.1", 80), /loopback/);
   refused(strict.connectOptions("bad host", 80), /malformed/);
-  const open = createTargetPolicy({ allow: ["127.0.0.1", "fe80::/10"], deny: [] });
+  const open = policyOf({ allow: ["127.0.0.1", "fe80::/10"], deny: [] });
   const c = open.connectOptions("0x7f.1", 80);
   assert.ok(c.allowed);
   assert.equal(c.host, "127.0.0.1");
@@ -485,7 +536,7 @@ test("integration: net.connect to localhost is refused by default and allowed by
   const server = await listen("127.0.0.1");
   try {
     const port = (server.address() as net.AddressInfo).port;
-    const strict = createTargetPolicy({ allow: [], deny: [] });
+    const strict = policyOf({ allow: [], deny: [] });
     // "localhost" is on no deny list and passes the name check: only the resolved address decides.
     allowed(strict.checkName("localhost", port));
     refused(strict.checkAddress("localhost", "127.0.0.1", 4, port), /localhost resolved to 127\.0\.0\.1, which is a loopback address/);
@@ -501,7 +552,7 @@ test("integration: net.connect to localhost is refused by default and allowed by
       const hex = await connect({ host: "0x7f.1", port, lookup: strict.lookupFor(port), autoSelectFamily });
       assert.equal(hex.ok ? "connected" : hex.err.code, "ETARGETFORBIDDEN", "0x7f.1 is caught even though getaddrinfo would accept it");
     }
-    const open = createTargetPolicy({ allow: ["127.0.0.1"], deny: [] });
+    const open = policyOf({ allow: ["127.0.0.1"], deny: [] });
     for (const autoSelectFamily of [true, false]) {
       // Were localhost to resolve to ::1 as well, that address is refused and dropped here.
       const r = await connect({ host: "localhost", port, lookup: open.lookupFor(port), autoSelectFamily });
@@ -531,13 +582,13 @@ test("integration: ::1, through localhost if it resolves to ::1 here, else throu
     const host = viaLocalhost ? "localhost" : "v6loop.test";
     const dnsLookup = viaLocalhost ? undefined : fakeDns({ "v6loop.test": [{ address: "::1", family: 6 }] });
     t.diagnostic(`resolving ${host}`);
-    const strict = createTargetPolicy({ allow: [], deny: [], dnsLookup });
+    const strict = policyOf({ allow: [], deny: [], dnsLookup });
     for (const autoSelectFamily of [true, false]) {
       const r = await connect({ host, port, family: 6, lookup: strict.lookupFor(port), autoSelectFamily });
       assert.equal(r.ok ? "connected" : r.err.code, "ETARGETFORBIDDEN");
       if (!r.ok) assert.match(r.err.message, /::1, which is a loopback address \(::1\/128\)/);
     }
-    const open = createTargetPolicy({ allow: ["::1"], deny: [], dnsLookup });
+    const open = policyOf({ allow: ["::1"], deny: [], dnsLookup });
     for (const autoSelectFamily of [true, false])
       assert.deepEqual(await connect({ host, port, family: 6, lookup: open.lookupFor(port), autoSelectFamily }), { ok: true, remote: "::1" });
   } finally {

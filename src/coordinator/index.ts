@@ -48,7 +48,7 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
     handshakeTimeout: config.handshake_timeout,
     idleTimeout: config.session_idle_timeout,
     finTimeout: config.fin_timeout,
-    policy: createTargetPolicy({ allow: config.allow_targets, deny: config.deny_targets, ownAddresses: config.own_addresses }),
+    policy: createTargetPolicy({ ...config.targetRules, ownAddresses: config.own_addresses }),
     limits: new SessionLimits(config.max_sessions, config.max_sessions_per_token),
     sockets,
     shutdown: shutdown.signal,
@@ -94,7 +94,7 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
       connectBackPolicy: config.connect_back,
       // Targets' default refusals for connect-backs too: a caller that appears
       // as loopback (a same-host passthrough) must not reach this host's ports.
-      connectBackTargets: createTargetPolicy({ allow: config.allow_connect_back, deny: [], ownAddresses: config.own_addresses }),
+      connectBackTargets: createTargetPolicy({ ...config.connectBackRules, ownAddresses: config.own_addresses }),
       callerOf,
       openSession: (req) => openSession(req, sessionCtx),
       probe: (req) => answerProbe(req, sessionCtx),

@@ -10,11 +10,11 @@ import {
   METHOD_BINDING,
   newTransactionId,
   StunError,
-  StunFramer,
   type DecodedStunMessage,
   type StunAddress,
   type StunAttribute,
 } from "../stun.ts";
+import { StunFramer } from "../stun-framer.ts";
 import { SOFTWARE } from "../version.ts";
 
 // The IP:port reporting service: standard STUN Binding over TCP (so coturn or

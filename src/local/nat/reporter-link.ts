@@ -11,10 +11,10 @@ import {
   mappedAddressOf,
   METHOD_BINDING,
   newTransactionId,
-  StunFramer,
   type DecodedStunMessage,
   type StunMessage,
 } from "../../stun.ts";
+import { StunFramer } from "../../stun-framer.ts";
 import { SOFTWARE } from "../../version.ts";
 
 // The local proxy's side of the reporter connection. Connecting FROM the port
