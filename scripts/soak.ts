@@ -25,10 +25,11 @@ import type { AddressInfo } from "node:net";
 import net from "node:net";
 import tls from "node:tls";
 import { parseArgs } from "node:util";
-import { connectThrough } from "../test/helpers/client.ts";
-import { startStack, type Stack } from "../test/helpers/stack.ts";
-import { closedPort, expectedSha256, startHttpsTarget, startHttpTarget, type Target } from "../test/helpers/targets.ts";
-import { testPki } from "../test/helpers/pki.ts";
+import { connectThrough } from "./lib/proxy-client.ts";
+import { startStack, type Stack } from "./lib/stack.ts";
+import { expectedSha256, startHttpsTarget, startHttpTarget, type Target } from "./lib/targets.ts";
+import { freePort } from "./lib/ports.ts";
+import { testPki } from "./lib/pki.ts";
 
 const { values } = parseArgs({
   options: {
@@ -252,7 +253,7 @@ async function main(): Promise<number> {
     started.push(secure);
     const reset = await startResetTarget();
     started.push(reset);
-    const refused = await closedPort();
+    const refused = await freePort();
     const stack = await startStack({
       // Short pool and keep-alive timeouts so that idle connections are gone
       // within the settle time at the end.

@@ -8,10 +8,11 @@ import { after, before, describe, test } from "node:test";
 import { generateCertificate, type KeyPair } from "../src/tls/certs.ts";
 import { decodeMessage as decodeStun, getAttribute, MAGIC_COOKIE, messageType, METHOD_BINDING, StunFramer, type StunClass } from "../src/stun.ts";
 import { decodeMessage as decodeWire, encodeMessage as encodeWire, encodeOpen, encodeSession, MessageType, resultOf } from "../src/protocol/wire.ts";
-import { httpsThrough, proxiedRequest } from "./helpers/client.ts";
-import { testPki } from "./helpers/pki.ts";
-import { startStack, TOKEN, type Stack } from "./helpers/stack.ts";
-import { closedPort, startHttpsTarget, startHttpTarget, type Target } from "./helpers/targets.ts";
+import { httpsThrough, proxiedRequest } from "../scripts/lib/proxy-client.ts";
+import { testPki } from "../scripts/lib/pki.ts";
+import { startStack, TOKEN, type Stack } from "../scripts/lib/stack.ts";
+import { startHttpsTarget, startHttpTarget, type Target } from "../scripts/lib/targets.ts";
+import { freePort } from "../scripts/lib/ports.ts";
 import { waitUntil } from "./helpers/wait.ts";
 
 // Fuzzing of every listening port of the three roles: the local proxy's
@@ -340,7 +341,7 @@ before(async () => {
   process.on("unhandledRejection", onRejection);
   process.on("uncaughtExceptionMonitor", onException);
   web = await startHttpTarget();
-  refused = await closedPort();
+  refused = await freePort();
   canary = await startCanary();
   secure = await startHttpsTarget(await testPki());
   stack = await startStack({

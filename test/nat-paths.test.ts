@@ -13,7 +13,7 @@ import { tmpdir } from "node:os";
 import path from "node:path";
 import { after, before, describe, test } from "node:test";
 import { fileURLToPath } from "node:url";
-import { createLab, findTool, jsonEvent, labUnavailableReason, LineReader, NAT_TYPES, type Lab, type NatType } from "../scripts/natlab.ts";
+import { createLab, findTool, jsonEvent, labUnavailableReason, LineReader, NAT_TYPES, type Lab, type NatType } from "../scripts/lib/natlab.ts";
 import { generateCertificate } from "../src/tls/certs.ts";
 import { NODE, startNatproxyInLab, type LabProcess, type NatproxyInLab, type NatproxyInLabOptions } from "./lab/natproxy-in-lab.ts";
 import { MEDIA, WWW } from "./lab/site.ts";

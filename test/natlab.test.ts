@@ -1,4 +1,4 @@
-// Self-test of the NAT lab (scripts/natlab.ts): for every NAT type, the
+// Self-test of the NAT lab (scripts/lib/natlab.ts): for every NAT type, the
 // mapping and filtering behaviour seen by plain Node TCP scripts running in
 // the lab's namespaces must match NATLAB-NOTES.md, over IPv4 and IPv6.
 // Needs root, iproute2 and nftables; skips without them, except under CI,
@@ -21,7 +21,7 @@ import {
   type HostName,
   type Lab,
   type NatType,
-} from "../scripts/natlab.ts";
+} from "../scripts/lib/natlab.ts";
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
 const NODE = path.join(root, "node_modules/.bin/node");

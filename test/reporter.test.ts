@@ -18,6 +18,8 @@ import {
   type StunMessage,
 } from "../src/stun.ts";
 import { SOFTWARE } from "../src/version.ts";
+import { freePort } from "../scripts/lib/ports.ts";
+import { within } from "./helpers/wait.ts";
 
 setLogLevel("silent");
 
@@ -25,15 +27,6 @@ const INTERVAL = 50;
 const BOUND = 3000; // ms any single wait may take before the test fails
 
 // ---------------------------------------------------------------- helpers
-
-/** Rejects if `promise` takes longer than `ms`; its timer never outlives it. */
-function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}`)), ms);
-  });
-  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
-}
 
 function onceEvent<T extends unknown[]>(emitter: EventEmitter, event: string, what = event): Promise<T> {
   return within(
@@ -49,17 +42,6 @@ function reporterConfig(host: string, overrides: { nat_keep_alive_interval?: num
 
 function request(attributes: StunMessage["attributes"] = []): StunMessage {
   return { method: METHOD_BINDING, class: "request", transactionId: newTransactionId(), attributes };
-}
-
-async function freePort(host = "127.0.0.1"): Promise<number> {
-  const s = createServer();
-  await new Promise<void>((resolve, reject) => {
-    s.once("error", reject);
-    s.listen(0, host, resolve);
-  });
-  const port = (s.address() as { port: number }).port;
-  await new Promise<void>((resolve) => s.close(() => resolve()));
-  return port;
 }
 
 /** A raw STUN-over-TCP peer: what a test sends and receives, message by message. */
@@ -240,6 +222,7 @@ test('a "*" (dual-stack) reporter reports IPv4 peers as plain IPv4, not ::ffff:'
 
 test("a link from a chosen port P reports P, and P can then be listened on (NATLAB Q3)", { timeout: 10_000 }, async () => {
   const reporter = await startReporter(reporterConfig("127.0.0.1"));
+  // Chosen before the link binds it, so freePort()'s race applies.
   const P = await freePort();
   const link = await openReporterLink(linkOptions(reporter.addresses[0].port, "127.0.0.1", { localPort: P }));
   const tunnel = createServer((s) => s.end("hello"));
