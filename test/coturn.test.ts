@@ -18,8 +18,9 @@ import { findProgram } from "./helpers/programs.ts";
 import { within } from "./helpers/wait.ts";
 
 // The link against an independent STUN server: coturn serves Binding over TCP
-// (NATLAB-NOTES Q8) and, unlike our reporter, never sends keepalives of its
-// own, so only the link's own Binding requests can keep the link alive.
+// (docs/NAT.md, "STUN over TCP peers") and, unlike our reporter, never sends
+// keepalives of its own, so only the link's own Binding requests can keep the
+// link alive.
 
 setLogLevel("silent");
 

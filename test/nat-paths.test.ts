@@ -22,10 +22,11 @@ const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
 const SITE = path.join(root, "test/lab/site.ts");
 const PATH_TIMEOUT_MS = 20_000;
 
-// What `auto` must choose (NATLAB-NOTES Q2): a connect-back gets in through
-// full-cone NAT from anywhere, through address-restricted NAT only from the
-// reporter's own address (reporter combined with the coordinator), and never
-// through port-restricted or symmetric NAT or a stateful firewall.
+// What `auto` must choose (docs/NAT.md, "NAT behaviours and how the lab
+// builds them"): a connect-back gets in through full-cone NAT from anywhere,
+// through address-restricted NAT only from the reporter's own address
+// (reporter combined with the coordinator), and never through
+// port-restricted or symmetric NAT or a stateful firewall.
 function expectedPath(nat: NatType, combined: boolean): "connect-back" | "outbound" {
   if (nat === "full-cone") return "connect-back";
   if (nat === "addr-restricted" && combined) return "connect-back";

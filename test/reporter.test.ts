@@ -220,7 +220,8 @@ test('a "*" (dual-stack) reporter reports IPv4 peers as plain IPv4, not ::ffff:'
   }
 });
 
-test("a link from a chosen port P reports P, and P can then be listened on (NATLAB Q3)", { timeout: 10_000 }, async () => {
+// docs/NAT.md, "One port for an outbound connection and a listener".
+test("a link from a chosen port P reports P, and P can then be listened on", { timeout: 10_000 }, async () => {
   const reporter = await startReporter(reporterConfig("127.0.0.1"));
   // Chosen before the link binds it, so freePort()'s race applies.
   const P = await freePort();

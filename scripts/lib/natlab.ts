@@ -1,6 +1,7 @@
 // NAT lab: seven Linux network namespaces and an nftables router that
 // emulates the RFC 4787 NAT types, so natproxy can be tested behind a NAT
-// on one machine. See /work/shared/NATLAB-NOTES.md for what was measured.
+// on one machine. What it emulates, and what was measured on this kind of
+// machine: docs/NAT.md, "NAT behaviours and how the lab builds them".
 //
 //  lan  192.168.77.2 fd00:77::2 ─┐ bridge rbr              bridge wbr ┌─ rep   203.0.113.10 (+.11)  2001:db8:113::10 (+::11)
 //                                ├─ rtr 192.168.77.1 | 198.51.100.2 ── wan ┼─ coord 203.0.113.20       2001:db8:113::20
