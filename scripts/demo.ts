@@ -8,7 +8,7 @@ import type { AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { generateCertificate } from "../src/tls/certs.ts";
-import { startProc, type Proc } from "./proc.ts";
+import { startProc, type Proc } from "./lib/proc.ts";
 
 const BINARY = resolve(import.meta.dirname, "..", "dist", "natproxy");
 const stay = process.argv.includes("--stay");

@@ -11,8 +11,8 @@ import { makeCoordinatorClient } from "../src/local/coordinator/client.ts";
 import { API } from "../src/protocol/api.ts";
 import { decodeMessage, encodeOpen, MessageType, resultOf } from "../src/protocol/wire.ts";
 import { makeTrust } from "../src/tls/trust.ts";
-import { testPki, type TestPki } from "./helpers/pki.ts";
-import { startTestCoordinator, TOKEN } from "./helpers/stack.ts";
+import { testPki, type TestPki } from "../scripts/lib/pki.ts";
+import { startTestCoordinator, TOKEN } from "../scripts/lib/stack.ts";
 
 // The HTTPS API's contract (src/protocol/api.ts) on both sides: the
 // coordinator names every bad field of a request at once, and the local

@@ -5,10 +5,10 @@ import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { promisify } from "node:util";
-import { testPki, type TestPki } from "./helpers/pki.ts";
-import { startProc, type Proc } from "../scripts/proc.ts";
-import { expectedSha256, startHttpsTarget, startHttpTarget, type Target } from "./helpers/targets.ts";
-import { TOKEN } from "./helpers/stack.ts";
+import { testPki, type TestPki } from "../scripts/lib/pki.ts";
+import { startProc, type Proc } from "../scripts/lib/proc.ts";
+import { expectedSha256, startHttpsTarget, startHttpTarget, type Target } from "../scripts/lib/targets.ts";
+import { TOKEN } from "../scripts/lib/stack.ts";
 
 // The same core scenario as e2e.test.ts, but through the packaged binary as
 // three processes, so that a bundling or packaging fault fails the tests.

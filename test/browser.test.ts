@@ -15,7 +15,7 @@ import { tmpdir } from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
-import { createLab, findTool, jsonEvent, labUnavailableReason, LineReader, type Lab, type NatType } from "../scripts/natlab.ts";
+import { createLab, findTool, jsonEvent, labUnavailableReason, LineReader, type Lab, type NatType } from "../scripts/lib/natlab.ts";
 import { generateCertificate } from "../src/tls/certs.ts";
 import { NODE, startNatproxyInLab, stopProcesses, type NatproxyInLab } from "./lab/natproxy-in-lab.ts";
 import { DEFAULT_MEDIA_SIZE, MEDIA, MEDIA_PATH, mediaBytes, sha256Hex, subresourceList, WS_MESSAGES, WWW } from "./lab/site.ts";

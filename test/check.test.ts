@@ -8,8 +8,8 @@ import { fileURLToPath } from "node:url";
 import { resolveConfig } from "../src/config.ts";
 import { startCoordinator, type Coordinator } from "../src/coordinator/index.ts";
 import { startReporter, type ReporterHandle } from "../src/reporter/index.ts";
-import { testPki, type TestPki } from "./helpers/pki.ts";
-import { TOKEN } from "./helpers/stack.ts";
+import { testPki, type TestPki } from "../scripts/lib/pki.ts";
+import { TOKEN } from "../scripts/lib/stack.ts";
 
 // `natproxy local --check` as a user runs it: a separate process, its report
 // on stdout, and an exit code that says whether a path works.

@@ -16,10 +16,10 @@ import { v4 as uuidv4 } from "uuid";
 import type { Coordinator } from "../src/coordinator/index.ts";
 import { roleLogger } from "../src/log.ts";
 import { captureLogs } from "./helpers/logs.ts";
-import { testPki, type TestPki } from "./helpers/pki.ts";
-import { connectThrough } from "./helpers/client.ts";
-import { startStack, startTestCoordinator, TOKEN } from "./helpers/stack.ts";
-import { closedPort } from "./helpers/targets.ts";
+import { testPki, type TestPki } from "../scripts/lib/pki.ts";
+import { connectThrough } from "../scripts/lib/proxy-client.ts";
+import { startStack, startTestCoordinator, TOKEN } from "../scripts/lib/stack.ts";
+import { freePort } from "../scripts/lib/ports.ts";
 
 interface Answer {
   status: number;
@@ -136,7 +136,7 @@ test("where allow_connect_back permits it, a closed, a silent, a speaking and a 
   const speaksFirst = await service((s) => s.write("SSH-2.0-OpenSSH_9.6\r\n"));
   // A TLS client offering only TLS 1.1: the coordinator's side of the handshake fails.
   const refusesTls = await service((s) => tls.connect({ socket: s, servername: "localhost", minVersion: "TLSv1", maxVersion: "TLSv1.1", ciphers: "DEFAULT@SECLEVEL=0" }).on("error", () => {}));
-  const closed = await closedPort();
+  const closed = await freePort();
   const coordinator = await startTestCoordinator(pki, { allow_connect_back: ["127.0.0.1"], connect_timeout: 400, handshake_timeout: 400 });
   const logs = captureLogs("coordinator");
   const logger = roleLogger("coordinator");

@@ -9,15 +9,18 @@ import { performance } from "node:perf_hooks";
 import { setLogLevel } from "../src/log.ts";
 import { openReporterLink } from "../src/local/nat/reporter-link.ts";
 import type { DecodedStunMessage } from "../src/stun.ts";
-import { proxiedRequest } from "./helpers/client.ts";
-import { testPki } from "./helpers/pki.ts";
-import { startLocalFor, startTestCoordinator } from "./helpers/stack.ts";
-import { startHttpTarget } from "./helpers/targets.ts";
+import { proxiedRequest } from "../scripts/lib/proxy-client.ts";
+import { testPki } from "../scripts/lib/pki.ts";
+import { startLocalFor, startTestCoordinator } from "../scripts/lib/stack.ts";
+import { startHttpTarget } from "../scripts/lib/targets.ts";
+import { freePort } from "../scripts/lib/ports.ts";
 import { findProgram } from "./helpers/programs.ts";
+import { within } from "./helpers/wait.ts";
 
 // The link against an independent STUN server: coturn serves Binding over TCP
-// (NATLAB-NOTES Q8) and, unlike our reporter, never sends keepalives of its
-// own, so only the link's own Binding requests can keep the link alive.
+// (docs/NAT.md, "STUN over TCP peers") and, unlike our reporter, never sends
+// keepalives of its own, so only the link's own Binding requests can keep the
+// link alive.
 
 setLogLevel("silent");
 
@@ -27,25 +30,6 @@ const BOUND = 10_000;
 
 const TURNSERVER = findProgram("turnserver", "NATPROXY_TURNSERVER");
 const MISSING = "turnserver (Debian/Ubuntu package coturn) is not installed: apt-get install -y coturn";
-
-function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}`)), ms);
-  });
-  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
-}
-
-async function freePort(): Promise<number> {
-  const s = createServer();
-  await new Promise<void>((resolve, reject) => {
-    s.once("error", reject);
-    s.listen(0, "127.0.0.1", resolve);
-  });
-  const port = (s.address() as { port: number }).port;
-  await new Promise<void>((resolve) => s.close(() => resolve()));
-  return port;
-}
 
 function hasIPv6Loopback(): Promise<boolean> {
   const s = createServer();
@@ -61,9 +45,26 @@ interface Coturn {
   stop(): Promise<void>;
 }
 
-/** Starts turnserver as a STUN-only server on loopback and resolves once its TCP listeners are open. */
+/** Thrown when turnserver cannot bind the port it was given. */
+class PortTaken extends Error {}
+
+/**
+ * Starts turnserver as a STUN-only server on loopback and resolves once its
+ * TCP listeners are open. turnserver must be told its port, so the port comes
+ * from freePort() and may be taken meanwhile; turnserver then retries the
+ * bind forever, so that is spotted in its output and another port is tried.
+ */
 async function startCoturn(binary: string, ipv6: boolean): Promise<Coturn> {
-  const port = await freePort();
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await startCoturnOn(binary, ipv6, await freePort());
+    } catch (err) {
+      if (!(err instanceof PortTaken) || attempt === 3) throw err;
+    }
+  }
+}
+
+async function startCoturnOn(binary: string, ipv6: boolean, port: number): Promise<Coturn> {
   const dir = mkdtempSync(join(tmpdir(), "natproxy-coturn-"));
   const ips = ipv6 ? ["127.0.0.1", "::1"] : ["127.0.0.1"];
   const args = [
@@ -110,6 +111,7 @@ async function startCoturn(binary: string, ipv6: boolean): Promise<Coturn> {
         const onData = (chunk: Buffer) => {
           output += chunk.toString();
           if (wanted.every((w) => output.includes(w))) resolve();
+          else if (output.includes("Cannot bind TLS/TCP listener socket")) reject(new PortTaken(`port ${port} is taken:\n${output}`));
         };
         child.stdout?.on("data", onData);
         child.stderr?.on("data", onData);

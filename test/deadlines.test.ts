@@ -10,10 +10,10 @@ import { connectBack } from "../src/coordinator/connect-back.ts";
 import { startReporter } from "../src/reporter/index.ts";
 import { API, sessionRequestSchema } from "../src/protocol/api.ts";
 import { encodeSession } from "../src/protocol/wire.ts";
-import { connectThrough } from "./helpers/client.ts";
-import { testPki, type TestPki } from "./helpers/pki.ts";
-import { startLocalFor, TOKEN } from "./helpers/stack.ts";
-import { startHttpTarget, type Target } from "./helpers/targets.ts";
+import { connectThrough } from "../scripts/lib/proxy-client.ts";
+import { testPki, type TestPki } from "../scripts/lib/pki.ts";
+import { startLocalFor, TOKEN } from "../scripts/lib/stack.ts";
+import { startHttpTarget, type Target } from "../scripts/lib/targets.ts";
 import { waitUntil } from "./helpers/wait.ts";
 
 // Each timer of the local proxy follows the one key that names it, and the

@@ -4,11 +4,12 @@ import http from "node:http";
 import https from "node:https";
 import type { AddressInfo } from "node:net";
 import { after, before, describe, test } from "node:test";
-import { connectThrough, httpsThrough, proxiedRequest } from "./helpers/client.ts";
-import { startLocalFor, startStack, type Stack } from "./helpers/stack.ts";
+import { connectThrough, httpsThrough, proxiedRequest } from "../scripts/lib/proxy-client.ts";
+import { startLocalFor, startStack, type Stack } from "../scripts/lib/stack.ts";
 import { captureLogs } from "./helpers/logs.ts";
 import { waitUntil } from "./helpers/wait.ts";
-import { closedPort, expectedSha256, startHttpsTarget, startHttpTarget, type Target } from "./helpers/targets.ts";
+import { expectedSha256, startHttpsTarget, startHttpTarget, type Target } from "../scripts/lib/targets.ts";
+import { freePort } from "../scripts/lib/ports.ts";
 
 // Every scenario runs on both tunnel paths: the specification's connect-back
 // (which loopback lets in, so `auto` would pick it too) and the outbound path.
@@ -180,7 +181,7 @@ describe(`end to end on loopback (${path} path): reporter, coordinator and local
   }
 
   test("a target that refuses: CONNECT gets a reset after its optimistic 200, with the reason in the log; plain HTTP gets 502", async () => {
-    const port = await closedPort();
+    const port = await freePort();
     await failingConnect(`127.0.0.1:${port}`, "TARGET_REFUSED");
     const p = await proxiedRequest(stack.proxyPort, `http://127.0.0.1:${port}/`);
     assert.equal(p.status, 502);
@@ -277,7 +278,7 @@ describe(`failures the browser must see as real statuses (${path} path)`, () => 
       warm.socket.destroy();
       const pool = path === "outbound" ? stack.local.outboundPool : stack.local.connectBackPool;
       await waitUntil(() => pool.size > 0, 3000, `a ready ${path} connection`);
-      const refused = await connectThrough(stack.proxyPort, `127.0.0.1:${await closedPort()}`);
+      const refused = await connectThrough(stack.proxyPort, `127.0.0.1:${await freePort()}`);
       assert.equal(refused.status, 502);
       assert.equal(refused.headers["x-natproxy-error"], "TARGET_REFUSED");
       assert.match(refused.body, /refused/);

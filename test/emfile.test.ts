@@ -9,10 +9,10 @@ import { after, before, test } from "node:test";
 import { fileURLToPath } from "node:url";
 import { resolveConfig } from "../src/config.ts";
 import { startReporter, type ReporterHandle } from "../src/reporter/index.ts";
-import { proxiedRequest } from "./helpers/client.ts";
-import { testPki, type TestPki } from "./helpers/pki.ts";
-import { TOKEN } from "./helpers/stack.ts";
-import { startHttpTarget, type Target } from "./helpers/targets.ts";
+import { proxiedRequest } from "../scripts/lib/proxy-client.ts";
+import { testPki, type TestPki } from "../scripts/lib/pki.ts";
+import { TOKEN } from "../scripts/lib/stack.ts";
+import { startHttpTarget, type Target } from "../scripts/lib/targets.ts";
 
 // File descriptors run out (EMFILE): each role runs as its own process with a
 // small descriptor limit, is flooded with connections until accept() fails,

@@ -8,10 +8,10 @@ import { after, before, describe, test } from "node:test";
 import { v4 as uuidv4 } from "uuid";
 import { startCoordinator } from "../src/coordinator/index.ts";
 import { generateCertificate } from "../src/tls/certs.ts";
-import { connectThrough, proxiedRequest } from "./helpers/client.ts";
-import { testPki } from "./helpers/pki.ts";
-import { type Stack, startLocalFor, startStack, startTestCoordinator, TOKEN } from "./helpers/stack.ts";
-import { startHttpTarget, type Target } from "./helpers/targets.ts";
+import { connectThrough, proxiedRequest } from "../scripts/lib/proxy-client.ts";
+import { testPki } from "../scripts/lib/pki.ts";
+import { type Stack, startLocalFor, startStack, startTestCoordinator, TOKEN } from "../scripts/lib/stack.ts";
+import { startHttpTarget, type Target } from "../scripts/lib/targets.ts";
 import { waitUntil } from "./helpers/wait.ts";
 
 // Misbehaving peers and failing parts: every role survives, the browser gets

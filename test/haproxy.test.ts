@@ -14,12 +14,13 @@ import type { Local } from "../src/local/index.ts";
 import { parseProxyHeader, readProxyHeader } from "../src/coordinator/proxy-header.ts";
 import { resolveConfig } from "../src/config.ts";
 import { startReporter, type ReporterHandle } from "../src/reporter/index.ts";
-import { httpsThrough, proxiedRequest } from "./helpers/client.ts";
+import { httpsThrough, proxiedRequest } from "../scripts/lib/proxy-client.ts";
 import { captureLogs } from "./helpers/logs.ts";
-import { testPki, type TestPki } from "./helpers/pki.ts";
-import { startLocalFor, startTestCoordinator, TOKEN } from "./helpers/stack.ts";
-import { closedPort, expectedSha256, startHttpsTarget, startHttpTarget, type Target } from "./helpers/targets.ts";
-import { waitUntil } from "./helpers/wait.ts";
+import { testPki, type TestPki } from "../scripts/lib/pki.ts";
+import { startLocalFor, startTestCoordinator, TOKEN } from "../scripts/lib/stack.ts";
+import { expectedSha256, startHttpsTarget, startHttpTarget, type Target } from "../scripts/lib/targets.ts";
+import { freePort } from "../scripts/lib/ports.ts";
+import { waitUntil, within } from "./helpers/wait.ts";
 import { findProgram } from "./helpers/programs.ts";
 
 // Several coordinators behind one TCP load balancer, sharing nothing: a real
@@ -162,14 +163,6 @@ interface Haproxy {
   stop(): Promise<void>;
 }
 
-function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}`)), ms);
-  });
-  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
-}
-
 function statsCommand(socketPath: string, command: string): Promise<string> {
   return within(
     new Promise((resolve, reject) => {
@@ -196,16 +189,16 @@ async function serverStates(socketPath: string): Promise<Map<string, string>> {
 
 /**
  * Runs haproxy in the foreground on a free loopback port and resolves once its
- * stats socket reports the frontend open. The port is found by binding port 0
- * and releasing it; should something take it meanwhile, haproxy exits at once
- * ("cannot bind") and another port is tried.
+ * stats socket reports the frontend open. haproxy must be told its port, so it
+ * comes from freePort(); should something take it meanwhile, haproxy exits at
+ * once ("cannot bind") and another port is tried.
  */
 async function startHaproxy(binary: string, coordinatorPorts: number[]): Promise<Haproxy> {
   const dir = mkdtempSync(join(tmpdir(), "natproxy-haproxy-"));
   const stats = join(dir, "admin.sock");
   let lastFailure = "";
   for (let attempt = 1; attempt <= 3; attempt++) {
-    const port = await closedPort();
+    const port = await freePort();
     const cfg = join(dir, "haproxy.cfg");
     writeFileSync(cfg, haproxyConfig(port, coordinatorPorts, stats));
     const child: ChildProcess = spawn(binary, ["-f", cfg, "-db"], { stdio: ["ignore", "pipe", "pipe"] });

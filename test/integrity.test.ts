@@ -3,9 +3,9 @@ import { createCipheriv, createHash } from "node:crypto";
 import { once } from "node:events";
 import net, { type AddressInfo } from "node:net";
 import { after, before, describe, test } from "node:test";
-import { connectThrough } from "./helpers/client.ts";
-import { startStack, type Stack } from "./helpers/stack.ts";
-import { startHttpTarget, type Target } from "./helpers/targets.ts";
+import { connectThrough } from "../scripts/lib/proxy-client.ts";
+import { startStack, type Stack } from "../scripts/lib/stack.ts";
+import { startHttpTarget, type Target } from "../scripts/lib/targets.ts";
 import { waitUntil } from "./helpers/wait.ts";
 
 // Integrity under load: 200 tunnels at once, each moving 8 MiB both ways at

@@ -1,9 +1,10 @@
 import assert from "node:assert/strict";
 import { readdirSync } from "node:fs";
 import { after, before, describe, test } from "node:test";
-import { connectThrough, proxiedRequest } from "./helpers/client.ts";
-import { startStack, type Stack } from "./helpers/stack.ts";
-import { closedPort, startHttpTarget, type Target } from "./helpers/targets.ts";
+import { connectThrough, proxiedRequest } from "../scripts/lib/proxy-client.ts";
+import { startStack, type Stack } from "../scripts/lib/stack.ts";
+import { startHttpTarget, type Target } from "../scripts/lib/targets.ts";
+import { freePort } from "../scripts/lib/ports.ts";
 import { waitUntil } from "./helpers/wait.ts";
 
 // No socket, timer or session-table entry outlives its session: after
@@ -28,7 +29,7 @@ for (const path of ["connect-back", "outbound"] as const) {
     before(async () => {
       stack = await startStack({ local: { tunnel: path, pool_idle_timeout: 200 } });
       web = await startHttpTarget();
-      refusedPort = await closedPort();
+      refusedPort = await freePort();
     });
     after(async () => {
       await stack?.close();

@@ -8,10 +8,10 @@ import { resolveConfig } from "../src/config.ts";
 import type { Coordinator } from "../src/coordinator/index.ts";
 import type { Local } from "../src/local/index.ts";
 import { startReporter, type ReporterHandle } from "../src/reporter/index.ts";
-import { connectThrough } from "./helpers/client.ts";
-import { testPki, type TestPki } from "./helpers/pki.ts";
-import { startLocalFor, startTestCoordinator, TOKEN } from "./helpers/stack.ts";
-import { startHttpTarget, type Target } from "./helpers/targets.ts";
+import { connectThrough } from "../scripts/lib/proxy-client.ts";
+import { testPki, type TestPki } from "../scripts/lib/pki.ts";
+import { startLocalFor, startTestCoordinator, TOKEN } from "../scripts/lib/stack.ts";
+import { startHttpTarget, type Target } from "../scripts/lib/targets.ts";
 import { waitUntil } from "./helpers/wait.ts";
 
 // Limits answer with a status and a reason, free their slot when a tunnel

@@ -4,10 +4,11 @@ import { describe, test } from "node:test";
 import { resolveConfig } from "../src/config.ts";
 import { startReporter } from "../src/reporter/index.ts";
 import type { NatMapping } from "../src/local/nat/mapping-service.ts";
-import { connectThrough, proxiedRequest } from "./helpers/client.ts";
-import { testPki } from "./helpers/pki.ts";
-import { startLocalFor, startStack, startTestCoordinator } from "./helpers/stack.ts";
-import { closedPort, startHttpTarget } from "./helpers/targets.ts";
+import { connectThrough, proxiedRequest } from "../scripts/lib/proxy-client.ts";
+import { testPki } from "../scripts/lib/pki.ts";
+import { startLocalFor, startStack, startTestCoordinator } from "../scripts/lib/stack.ts";
+import { startHttpTarget } from "../scripts/lib/targets.ts";
+import { freePort } from "../scripts/lib/ports.ts";
 
 // The start-up workflow's liveness: the tunnel service must come back by
 // itself when the reporter goes away and returns, and when nothing arrives
@@ -39,7 +40,7 @@ describe("tunnel service liveness", () => {
 
   test("tunnel = connect-back, reporter down at start: 503 until it is up, then sessions work without a restart", async () => {
     const pki = await testPki();
-    const reporterPort = await closedPort();
+    const reporterPort = await freePort();
     const coordinator = await startTestCoordinator(pki);
     const local = await startLocalFor(coordinator.addresses[0].port, reporterPort, pki, { reporter_retries: 1, retry_delay: 20, retry_max_delay: 100, tunnel: "connect-back" });
     const web = await startHttpTarget();

@@ -13,7 +13,7 @@ import { tmpdir } from "node:os";
 import path from "node:path";
 import { after, before, describe, test } from "node:test";
 import { fileURLToPath } from "node:url";
-import { createLab, findTool, jsonEvent, labUnavailableReason, LineReader, NAT_TYPES, type Lab, type NatType } from "../scripts/natlab.ts";
+import { createLab, findTool, jsonEvent, labUnavailableReason, LineReader, NAT_TYPES, type Lab, type NatType } from "../scripts/lib/natlab.ts";
 import { generateCertificate } from "../src/tls/certs.ts";
 import { NODE, startNatproxyInLab, type LabProcess, type NatproxyInLab, type NatproxyInLabOptions } from "./lab/natproxy-in-lab.ts";
 import { MEDIA, WWW } from "./lab/site.ts";
@@ -22,10 +22,11 @@ const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
 const SITE = path.join(root, "test/lab/site.ts");
 const PATH_TIMEOUT_MS = 20_000;
 
-// What `auto` must choose (NATLAB-NOTES Q2): a connect-back gets in through
-// full-cone NAT from anywhere, through address-restricted NAT only from the
-// reporter's own address (reporter combined with the coordinator), and never
-// through port-restricted or symmetric NAT or a stateful firewall.
+// What `auto` must choose (docs/NAT.md, "NAT behaviours and how the lab
+// builds them"): a connect-back gets in through full-cone NAT from anywhere,
+// through address-restricted NAT only from the reporter's own address
+// (reporter combined with the coordinator), and never through
+// port-restricted or symmetric NAT or a stateful firewall.
 function expectedPath(nat: NatType, combined: boolean): "connect-back" | "outbound" {
   if (nat === "full-cone") return "connect-back";
   if (nat === "addr-restricted" && combined) return "connect-back";

@@ -1,6 +1,7 @@
-// Self-test of the NAT lab (scripts/natlab.ts): for every NAT type, the
+// Self-test of the NAT lab (scripts/lib/natlab.ts): for every NAT type, the
 // mapping and filtering behaviour seen by plain Node TCP scripts running in
-// the lab's namespaces must match NATLAB-NOTES.md, over IPv4 and IPv6.
+// the lab's namespaces must match docs/NAT.md, "NAT behaviours and how the
+// lab builds them", over IPv4 and IPv6.
 // Needs root, iproute2 and nftables; skips without them, except under CI,
 // which installs them and so must fail loudly instead.
 import { test, before, after, describe } from "node:test";
@@ -21,7 +22,7 @@ import {
   type HostName,
   type Lab,
   type NatType,
-} from "../scripts/natlab.ts";
+} from "../scripts/lib/natlab.ts";
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
 const NODE = path.join(root, "node_modules/.bin/node");
@@ -47,10 +48,11 @@ interface Observed {
 
 const IN = "connected";
 const DROP = "timeout";
-// From NATLAB-NOTES.md Q2. "SameEndpoint" is a TCP simultaneous open from
-// the exact reporter IP:port that the LAN sends a SYN to (the LAN is not
-// listening on that port). With full-cone and address-restricted NAT the
-// reporter's SYN passes the NAT and the LAN host itself answers RST.
+// From docs/NAT.md, "NAT behaviours and how the lab builds them".
+// "SameEndpoint" is a TCP simultaneous open from the exact reporter IP:port
+// that the LAN sends a SYN to (the LAN is not listening on that port). With
+// full-cone and address-restricted NAT the reporter's SYN passes the NAT and
+// the LAN host itself answers RST.
 const EXPECTED: Record<NatType, Observed> = {
   open: {
     reporterSees: "lan itself",
@@ -160,7 +162,8 @@ async function probe(lab: Lab, fam: Fam, base: number): Promise<Observed> {
   const running: Array<() => void> = [];
   try {
     // The LAN learns its mapping from P, then listens on P (connect first,
-    // then listen: see NATLAB-NOTES Q3).
+    // then listen: see docs/NAT.md, "One port for an outbound connection and
+    // a listener").
     const main = client(lab, "lan", ["--name", "lan", "--from-port", `${P}`, "--listen", "::", "--to", hostPort(rep, 3478)]);
     running.push(main.kill);
     // Mapping behaviour from another port towards three destinations.
@@ -192,8 +195,8 @@ async function probe(lab: Lab, fam: Fam, base: number): Promise<Observed> {
     const fromRepAlt = connectOnce(lab, "rep", ["--timeout", t, "--bind", repAlt, "--to", target]);
     const fromCoord = connectOnce(lab, "coord", ["--timeout", t, "--to", target]);
 
-    // Simultaneous open, "coordinator first" (NATLAB-NOTES Q4): the
-    // reporter's SYN leaves before the LAN's.
+    // Simultaneous open, "coordinator first" (docs/NAT.md, "TCP simultaneous
+    // open"): the reporter's SYN leaves before the LAN's.
     const sameEnd = (async (): Promise<Outcome> => {
       const r = client(lab, "rep", [
         "--hello", "--name", "rep", "--timeout", "2000", "--from-port", `${Y}`, "--bind", rep,

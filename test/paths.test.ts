@@ -8,10 +8,11 @@ import type { Coordinator } from "../src/coordinator/index.ts";
 import { startLocal } from "../src/local/index.ts";
 import { startReporter } from "../src/reporter/index.ts";
 import { decodeMessage, encodeOpen, MessageType, resultOf } from "../src/protocol/wire.ts";
-import { connectThrough, proxiedRequest } from "./helpers/client.ts";
-import { testPki, type TestPki } from "./helpers/pki.ts";
-import { startTestCoordinator, TOKEN } from "./helpers/stack.ts";
-import { closedPort, startHttpTarget, type Target } from "./helpers/targets.ts";
+import { connectThrough, proxiedRequest } from "../scripts/lib/proxy-client.ts";
+import { testPki, type TestPki } from "../scripts/lib/pki.ts";
+import { startTestCoordinator, TOKEN } from "../scripts/lib/stack.ts";
+import { startHttpTarget, type Target } from "../scripts/lib/targets.ts";
+import { freePort } from "../scripts/lib/ports.ts";
 
 // How the local proxy picks its tunnel path, and how the coordinator guards
 // the outbound path's Upgrade.
@@ -74,7 +75,7 @@ describe("tunnel = auto", () => {
   });
 
   test("with no reporter at all, auto serves over the outbound path from the start", async () => {
-    const local = await startLocal(localConfig(`127.0.0.1:${await closedPort()}`, { retry_max_delay: 60_000 }));
+    const local = await startLocal(localConfig(`127.0.0.1:${await freePort()}`, { retry_max_delay: 60_000 }));
     try {
       assert.equal(local.mapping(), undefined);
       assert.equal(local.path(), "outbound");
@@ -144,7 +145,7 @@ describe("the coordinator guards the outbound path", () => {
     assert.equal(result(forbidden).code, "FORBIDDEN");
     const badHost = await rawExchange(Buffer.concat([Buffer.from(ok), encodeOpen({ session: uuidv4(), target: { host: "bad host!", port: 80 } })]));
     assert.equal(result(badHost).code, "BAD_REQUEST");
-    const refused = await rawExchange(Buffer.concat([Buffer.from(ok), encodeOpen({ session: uuidv4(), target: { host: "127.0.0.1", port: await closedPort() } })]));
+    const refused = await rawExchange(Buffer.concat([Buffer.from(ok), encodeOpen({ session: uuidv4(), target: { host: "127.0.0.1", port: await freePort() } })]));
     assert.equal(result(refused).code, "TARGET_REFUSED");
   });
 

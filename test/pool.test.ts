@@ -4,11 +4,12 @@ import net, { type AddressInfo } from "node:net";
 import { after, before, test } from "node:test";
 import type { Coordinator } from "../src/coordinator/index.ts";
 import type { Local } from "../src/local/index.ts";
-import { connectThrough } from "./helpers/client.ts";
+import { connectThrough } from "../scripts/lib/proxy-client.ts";
 import { captureLogs } from "./helpers/logs.ts";
-import { testPki, type TestPki } from "./helpers/pki.ts";
-import { startLocalFor, startStack, startTestCoordinator } from "./helpers/stack.ts";
-import { closedPort, startHttpTarget, type Target } from "./helpers/targets.ts";
+import { testPki, type TestPki } from "../scripts/lib/pki.ts";
+import { startLocalFor, startStack, startTestCoordinator } from "../scripts/lib/stack.ts";
+import { startHttpTarget, type Target } from "../scripts/lib/targets.ts";
+import { freePort } from "../scripts/lib/ports.ts";
 import { waitUntil } from "./helpers/wait.ts";
 
 // The pools of ready connections: outbound ones (TLS'd, authenticated,
@@ -156,7 +157,7 @@ test("optimistic CONNECT: with a ready connection the 200 does not wait for the 
     await waitUntil(() => l.outboundPool.size === 3, 3000, "filled");
     // A refused target: the 200 came anyway, so the coordinator's answer was
     // not waited for; the failure is a reset, and the log names it.
-    const refusedPort = await closedPort();
+    const refusedPort = await freePort();
     const c = await connectThrough(l.proxyAddress.port, `127.0.0.1:${refusedPort}`);
     assert.equal(c.status, 200);
     const err = await new Promise<NodeJS.ErrnoException | undefined>((resolve) => {
@@ -184,7 +185,7 @@ test("optimistic_connect = false: a warm pool still waits for the target, and a 
   try {
     await fetchThrough(l, "/warm");
     await waitUntil(() => l.outboundPool.size === 3, 3000, "filled");
-    const c = await connectThrough(l.proxyAddress.port, `127.0.0.1:${await closedPort()}`);
+    const c = await connectThrough(l.proxyAddress.port, `127.0.0.1:${await freePort()}`);
     assert.equal(c.status, 502);
     assert.equal(c.headers["x-natproxy-error"], "TARGET_REFUSED");
   } finally {

@@ -18,6 +18,8 @@ import {
 } from "../src/stun.ts";
 import { StunFramer } from "../src/stun-framer.ts";
 import { SOFTWARE } from "../src/version.ts";
+import { freePort } from "../scripts/lib/ports.ts";
+import { within } from "./helpers/wait.ts";
 
 setLogLevel("silent");
 
@@ -25,15 +27,6 @@ const INTERVAL = 50;
 const BOUND = 3000; // ms any single wait may take before the test fails
 
 // ---------------------------------------------------------------- helpers
-
-/** Rejects if `promise` takes longer than `ms`; its timer never outlives it. */
-function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}`)), ms);
-  });
-  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
-}
 
 function onceEvent<T extends unknown[]>(emitter: EventEmitter, event: string, what = event): Promise<T> {
   return within(
@@ -49,17 +42,6 @@ function reporterConfig(host: string, overrides: { nat_keep_alive_interval?: num
 
 function request(attributes: StunMessage["attributes"] = []): StunMessage {
   return { method: METHOD_BINDING, class: "request", transactionId: newTransactionId(), attributes };
-}
-
-async function freePort(host = "127.0.0.1"): Promise<number> {
-  const s = createServer();
-  await new Promise<void>((resolve, reject) => {
-    s.once("error", reject);
-    s.listen(0, host, resolve);
-  });
-  const port = (s.address() as { port: number }).port;
-  await new Promise<void>((resolve) => s.close(() => resolve()));
-  return port;
 }
 
 /** A raw STUN-over-TCP peer: what a test sends and receives, message by message. */
@@ -238,8 +220,10 @@ test('a "*" (dual-stack) reporter reports IPv4 peers as plain IPv4, not ::ffff:'
   }
 });
 
-test("a link from a chosen port P reports P, and P can then be listened on (NATLAB Q3)", { timeout: 10_000 }, async () => {
+// docs/NAT.md, "One port for an outbound connection and a listener".
+test("a link from a chosen port P reports P, and P can then be listened on", { timeout: 10_000 }, async () => {
   const reporter = await startReporter(reporterConfig("127.0.0.1"));
+  // Chosen before the link binds it, so freePort()'s race applies.
   const P = await freePort();
   const link = await openReporterLink(linkOptions(reporter.addresses[0].port, "127.0.0.1", { localPort: P }));
   const tunnel = createServer((s) => s.end("hello"));
@@ -479,13 +463,17 @@ test("a link whose keepalive request goes unanswered within `timeout` closes its
     else reply({ method: METHOD_BINDING, class: "indication", transactionId: newTransactionId(), attributes: [] }); // life, but no answer
     first = false;
   });
-  const link = await openReporterLink(linkOptions(fake.port, "127.0.0.1", { keepAliveInterval: 100, timeout: 30 }));
+  // `timeout` also bounds the link's start (connect and first answer), which
+  // 30 ms did not always cover on a busy machine. With 150 ms the keepalive
+  // sent after 100 ms still times out before the 300 ms silence limit.
+  let link: ReporterLink | undefined;
   try {
+    link = await openReporterLink(linkOptions(fake.port, "127.0.0.1", { keepAliveInterval: 100, timeout: 150 }));
     const [reason] = await onceEvent<[Error | undefined]>(link, "close");
     assert.ok(reason instanceof NatproxyError);
-    assert.match(reason.message, /did not answer a Binding request within 30 ms/);
+    assert.match(reason.message, /did not answer a Binding request within 150 ms/);
   } finally {
-    link.close();
+    link?.close();
     await fake.close();
   }
 });

@@ -13,11 +13,11 @@ import { ConfigError, loadConfig, resolveConfig } from "../src/config.ts";
 import { startReporter, type ReporterHandle } from "../src/reporter/index.ts";
 import { loadKeyPair } from "../src/tls/certs.ts";
 import { makeTrust } from "../src/tls/trust.ts";
-import { startProc, type Proc } from "../scripts/proc.ts";
-import { proxiedRequest } from "./helpers/client.ts";
-import { testPki, type TestPki } from "./helpers/pki.ts";
-import { TOKEN } from "./helpers/stack.ts";
-import { startHttpTarget, type Target } from "./helpers/targets.ts";
+import { startProc, type Proc } from "../scripts/lib/proc.ts";
+import { proxiedRequest } from "../scripts/lib/proxy-client.ts";
+import { testPki, type TestPki } from "../scripts/lib/pki.ts";
+import { TOKEN } from "../scripts/lib/stack.ts";
+import { startHttpTarget, type Target } from "../scripts/lib/targets.ts";
 
 const dir = mkdtempSync(join(tmpdir(), "natproxy-secrets-"));
 let n = 0;

@@ -5,9 +5,9 @@ import net from "node:net";
 import { join } from "node:path";
 import { test } from "node:test";
 import { fileURLToPath } from "node:url";
-import { connectThrough } from "./helpers/client.ts";
-import { startStack } from "./helpers/stack.ts";
-import { startHttpTarget } from "./helpers/targets.ts";
+import { connectThrough } from "../scripts/lib/proxy-client.ts";
+import { startStack } from "../scripts/lib/stack.ts";
+import { startHttpTarget } from "../scripts/lib/targets.ts";
 
 // Graceful shutdown: stop accepting at once, let live tunnels finish up to a
 // deadline, then cut what is left.

@@ -5,7 +5,7 @@ import type { AddressInfo } from "node:net";
 import tls from "node:tls";
 import { test } from "node:test";
 import { checkServerIdentity } from "../src/tls/trust.ts";
-import { testPki } from "./helpers/pki.ts";
+import { testPki } from "../scripts/lib/pki.ts";
 
 test("certificate identity: IPv6 literals match the certificate's IP addresses (Node 22.23's own check never does)", async () => {
   const pki = await testPki();

@@ -13,7 +13,8 @@ import { spawnSync } from "node:child_process";
 import { chmodSync, chownSync, mkdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import type { Via } from "./client.ts";
-import { freePort, startChild, stopChild, tcpProbe, waitForPort, withDescendants, type Child } from "./procs.ts";
+import { freePort } from "../lib/ports.ts";
+import { startChild, stopChild, tcpProbe, waitForPort, withDescendants, type Child } from "./procs.ts";
 
 export interface BenchEnv {
   /** Per-run temp dir, removed at exit. */
@@ -58,7 +59,7 @@ export function loopbackPlacement(): Placement {
     ip: "127.0.0.1",
     spawn: (name, cmd, args) => startChild(name, cmd, args),
     probe: tcpProbe,
-    port: freePort,
+    port: () => freePort(),
   };
   return { name: "loopback", near: site, far: site, reporter: site, nearSeenAs: "127.0.0.1" };
 }

@@ -1,5 +1,5 @@
 // --delay: time to first byte with a real round-trip time, in the NAT lab
-// (scripts/natlab.ts: network namespaces, a full-cone NAT, 10 ms each way on
+// (scripts/lib/natlab.ts: network namespaces, a full-cone NAT, 10 ms each way on
 // the router's uplink, so ~20 ms RTT from the LAN host to everything outside).
 // Full cone, not "open": the lab's "open" type is a stateful firewall that
 // drops unsolicited inbound SYNs, so natproxy's connect-back cannot arrive
@@ -50,7 +50,7 @@ export async function runDelayPhase(o: {
 }): Promise<DelayResult> {
   const result: DelayResult = { measured: false, note: "", rttSamplesMs: [], contenders: {} };
   // Loaded only here: the lab module installs its own exit handlers.
-  const { createLab, labUnavailableReason, removeLeftovers } = await import("../natlab.ts");
+  const { createLab, labUnavailableReason, removeLeftovers } = await import("../lib/natlab.ts");
   const reason = await labUnavailableReason();
   if (reason) {
     result.note = `the NAT lab cannot run here (${reason})`;

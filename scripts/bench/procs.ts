@@ -215,17 +215,6 @@ export function sampleRss(pids: number[], everyMs = 20): () => { rssKb: number; 
   };
 }
 
-export function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const s = net.createServer();
-    s.once("error", reject);
-    s.listen({ host: "127.0.0.1", port: 0 }, () => {
-      const port = (s.address() as net.AddressInfo).port;
-      s.close(() => resolve(port));
-    });
-  });
-}
-
 /** A TCP connect to host:port from this process; true if it was accepted. */
 export function tcpProbe(host: string, port: number): Promise<boolean> {
   return new Promise<boolean>((resolve) => {

@@ -14,7 +14,7 @@ import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSyn
 import { tmpdir } from "node:os";
 import { join, relative, resolve } from "node:path";
 import { parseArgs } from "node:util";
-import { writePki } from "../../test/helpers/pki.ts";
+import { writePki } from "../lib/pki.ts";
 import type { ClientJob } from "./client.ts";
 import { loopbackPlacement, natproxyContender, type BenchEnv } from "./contenders.ts";
 import { cpuSeconds, killAllChildrenNow, rssKb, sampleRss, startChild, stopAllChildren, stopChild } from "./procs.ts";

@@ -24,7 +24,7 @@ import { cpus, loadavg } from "node:os";
 import { join, relative, resolve } from "node:path";
 import { createInterface } from "node:readline";
 import { parseArgs } from "node:util";
-import { writePki } from "../../test/helpers/pki.ts";
+import { writePki } from "../lib/pki.ts";
 import type { ClientJob, Via } from "./client.ts";
 import { loopbackPlacement, natproxyContender, type BenchEnv, type Placement, type RunningContender } from "./contenders.ts";
 import { cpuSeconds, fdCount, guardRun, hwmKb, pssKb, resetPeakRss, rssKb, sampleRss, startChild, stopAllChildren, stopChild, type Child } from "./procs.ts";

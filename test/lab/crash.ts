@@ -4,7 +4,7 @@
 // Usage: crash.ts PREFIX throw|wait
 import path from "node:path";
 import { fileURLToPath } from "node:url";
-import { createLab, LineReader } from "../../scripts/natlab.ts";
+import { createLab, LineReader } from "../../scripts/lib/natlab.ts";
 
 const [prefix, mode] = process.argv.slice(2);
 const here = path.dirname(fileURLToPath(import.meta.url));

@@ -10,7 +10,7 @@ import { tmpdir } from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { stringify } from "smol-toml";
-import type { Lab } from "../../scripts/natlab.ts";
+import type { Lab } from "../../scripts/lib/natlab.ts";
 import { generateCertificate } from "../../src/tls/certs.ts";
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");

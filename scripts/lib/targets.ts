@@ -86,12 +86,3 @@ export async function startHttpsTarget(pki: TestPki, host = "127.0.0.1"): Promis
   await new Promise<void>((r) => server.listen(0, host, r));
   return { port: (server.address() as AddressInfo).port, close };
 }
-
-/** A port on which nothing listens (bound, then released). */
-export async function closedPort(): Promise<number> {
-  const s = net.createServer();
-  await new Promise<void>((r) => s.listen(0, "127.0.0.1", r));
-  const port = (s.address() as AddressInfo).port;
-  await new Promise<void>((r) => s.close(() => r()));
-  return port;
-}
