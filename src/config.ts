@@ -68,6 +68,7 @@ const localSchema = z.strictObject({
   optimistic_connect: z.boolean().default(true),
   max_header_size: z.number().int().min(1024).max(1_048_576).default(65_536),
   max_pending: z.number().int().min(1).max(100_000).default(256),
+  max_tunnel_handshakes: z.number().int().min(1).max(100_000).default(256),
   users: z.array(z.string()).default([]),
 });
 

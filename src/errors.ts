@@ -19,6 +19,8 @@ export const ERRORS = {
   TARGET_UNREACHABLE: { status: 502, text: "target unreachable" },
   TARGET_RESET: { status: 502, text: "target reset the connection" },
   TARGET_TIMEOUT: { status: 504, text: "target did not answer in time" },
+  /** A response head from the target that is not valid HTTP, or that cannot be passed on as it is. */
+  TARGET_BAD_RESPONSE: { status: 502, text: "the target's answer is not valid HTTP" },
   CONNECT_BACK_FAILED: { status: 502, text: "coordinator could not connect back to the local proxy" },
   CONNECT_BACK_TIMEOUT: { status: 504, text: "no connect-back from the coordinator in time" },
   COORDINATOR_UNREACHABLE: { status: 502, text: "coordinator unreachable" },

@@ -30,6 +30,11 @@ test("hop-by-hop headers are dropped, including those named in Connection; the r
   assert.deepEqual(endToEndHeaders(["Upgrade", "websocket", "Connection", "Upgrade"], ["upgrade", "connection"]), ["Upgrade", "websocket", "Connection", "Upgrade"]);
 });
 
+test("Connection never takes away the length or the Host", () => {
+  const raw = ["Host", "a", "Content-Length", "5", "Connection", "content-length, Host, X-Private", "X-Private", "1"];
+  assert.deepEqual(endToEndHeaders(raw), ["Host", "a", "Content-Length", "5"]);
+});
+
 test("CONNECT authorities parse for names, IPv4 and bracketed IPv6, and refuse the rest", () => {
   assert.deepEqual(parseHostPort("example.com:443"), { host: "example.com", port: 443 });
   assert.deepEqual(parseHostPort("[2001:db8::1]:443"), { host: "2001:db8::1", port: 443 });

@@ -5,6 +5,7 @@ import { makeTrust, type Trust } from "../tls/trust.ts";
 import { makeCoordinatorClient, type CoordinatorClient } from "./coordinator/client.ts";
 import { OutboundDialer } from "./tunnel/outbound.ts";
 import { acceptConnectBack, SessionTable } from "./tunnel/connect-back.ts";
+import { TunnelPortGate } from "./tunnel/tunnel-port-gate.ts";
 import { MappingService } from "./nat/mapping-service.ts";
 
 export interface LocalParts {
@@ -34,9 +35,13 @@ export function localParts(config: LocalConfig): LocalParts {
   };
 }
 
-/** The start-up workflow, with the connect-back acceptor on its tunnel port. */
+/** The start-up workflow, with the connect-back acceptor behind its gate on the tunnel port. */
 export function mappingServiceFor(config: LocalConfig, parts: LocalParts, log: ConsolaInstance): MappingService {
   const { trust, sessions, sockets } = parts;
-  const accept = (socket: import("node:net").Socket) => acceptConnectBack(socket, { trust, sessions, sockets, timeout: config.handshake_timeout, log });
+  const gate = new TunnelPortGate({ max: config.max_tunnel_handshakes, expecting: () => sessions.size > 0, log });
+  const accept = (socket: import("node:net").Socket) => {
+    const place = gate.admit(socket);
+    if (place) acceptConnectBack(socket, { trust, sessions, sockets, timeout: config.handshake_timeout, log, matched: place.matched });
+  };
   return new MappingService({ config, accept, log });
 }

@@ -1,7 +1,9 @@
 import http, { type IncomingMessage, type ServerResponse } from "node:http";
+import { formatHostPort } from "../../address.ts";
 import { NatproxyError } from "../../errors.ts";
 import { formatSession } from "../../request-log.ts";
 import { clientOf, type HandlerContext } from "./context.ts";
+import { requestFraming, responseHeadProblem, type Framing } from "./framing.ts";
 import { endToEndHeaders } from "./hop-by-hop.ts";
 import { PROXY_AUTH_CHALLENGE } from "./proxy-auth.ts";
 import { sendError, toProxyError } from "./respond.ts";
@@ -10,14 +12,18 @@ import { targetOf } from "./target-url.ts";
 /**
  * Plain-HTTP requests in absolute form. Each request goes over a pooled tunnel
  * to its own target, so one browser connection can talk to many hosts with
- * keep-alive, and bodies (fixed-length or chunked) stream through untouched.
+ * keep-alive, and bodies (fixed-length or chunked) stream through, each with
+ * framing of its own (framing.ts).
  */
 export function makeRequestHandler(ctx: HandlerContext) {
   return (req: IncomingMessage, res: ServerResponse): void => {
     const client = clientOf(req);
-    let parsed;
+    let answered = false;
+    let parsed: ReturnType<typeof targetOf>;
+    let framing: Framing;
     try {
       parsed = targetOf(req.url);
+      framing = requestFraming(req);
     } catch (err) {
       fail(toProxyError(err));
       return;
@@ -26,27 +32,55 @@ export function makeRequestHandler(ctx: HandlerContext) {
       fail(new NatproxyError("PROXY_AUTH_REQUIRED"), { "Proxy-Authenticate": PROXY_AUTH_CHALLENGE });
       return;
     }
-    const headers = endToEndHeaders(req.rawHeaders);
-    if (!headers.some((h, i) => i % 2 === 0 && h.toLowerCase() === "host")) headers.push("Host", parsed.hostHeader);
-    const upstream = http.request({
-      host: parsed.target.host,
-      port: parsed.target.port,
-      method: req.method,
-      path: parsed.path,
-      headers,
-      setHost: false,
-      agent: ctx.agent,
-      natproxyClient: client,
-    } as http.RequestOptions);
+    const name = formatHostPort(parsed.target.host, parsed.target.port);
+    // The Host is the URL's authority, whatever the browser's header said
+    // (RFC 9112 §3.2.2); the length or the chunking is ours to send.
+    const headers = ["Host", parsed.hostHeader];
+    const rest = endToEndHeaders(req.rawHeaders);
+    for (let i = 0; i < rest.length; i += 2) {
+      const n = rest[i].toLowerCase();
+      if (n !== "host" && n !== "content-length") headers.push(rest[i], rest[i + 1]);
+    }
+    headers.push(...framing.headers);
+    let upstream: http.ClientRequest;
+    try {
+      upstream = http.request({
+        host: parsed.target.host,
+        port: parsed.target.port,
+        method: req.method,
+        path: parsed.path,
+        headers,
+        setHost: false,
+        agent: ctx.agent,
+        natproxyClient: client,
+      } as http.RequestOptions);
+    } catch (err) {
+      fail(new NatproxyError("BAD_REQUEST", `cannot forward this request: ${(err as Error).message}`));
+      return;
+    }
+    // Chunk boundaries that are ours are not what the browser sent: that
+    // tunnel is not handed to anyone else afterwards.
+    if (framing.rechunked) ctx.agent.retire(upstream);
     upstream.on("response", (up) => {
       const out = endToEndHeaders(up.rawHeaders);
-      res.writeHead(up.statusCode ?? 502, up.statusMessage, out);
+      const problem = responseHeadProblem(up, out);
+      if (problem) {
+        fail(new NatproxyError("TARGET_BAD_RESPONSE", `${name}: ${problem}`));
+        // Destroyed, not pooled: whatever follows this head is unknown.
+        upstream.destroy();
+        return;
+      }
+      res.writeHead(up.statusCode as number, up.statusMessage, out);
       up.pipe(res);
       up.on("error", () => res.destroy());
+      // A target that answered before it had the whole body may still read
+      // the rest of it as a request of its own.
+      up.once("end", () => {
+        if (!upstream.writableFinished) ctx.agent.retire(upstream);
+      });
     });
-    upstream.on("error", (err) => {
-      const e = toProxyError(err);
-      if (e.code === "INTERNAL") e.message = `the target closed the connection: ${(err as NodeJS.ErrnoException).code ?? err.message}`;
+    upstream.on("error", (err: NodeJS.ErrnoException) => {
+      const e = upstreamError(err, name);
       if (!res.headersSent) ctx.log.debug(`${client} ${req.method} ${req.url}: ${e.message}`);
       fail(e);
     });
@@ -58,12 +92,25 @@ export function makeRequestHandler(ctx: HandlerContext) {
     req.on("error", () => upstream.destroy());
     req.pipe(upstream);
 
-    function fail(e: ReturnType<typeof toProxyError>, extra?: Record<string, string>): void {
-      if (e.status < 500 || e.code === "TUNNEL_NOT_READY") {
+    // Only the first failure answers: a later one (the tunnel closing after
+    // a refused head) must not cut the answer already on its way.
+    function fail(e: NatproxyError, extra?: Record<string, string>): void {
+      if (answered) return;
+      answered = true;
+      if (e.status < 500 || e.code === "TUNNEL_NOT_READY" || e.code === "TARGET_BAD_RESPONSE") {
         ctx.log.info(formatSession({ session: "-", client, target: req.url ?? "?", outcome: e.code, up: 0, down: 0, ms: 0, detail: e.message }));
       }
       req.resume();
       sendError(res, e, extra);
     }
   };
+}
+
+/** The tunnel is open by now (opening errors are NatproxyErrors): what is left is the target's doing. */
+function upstreamError(err: NodeJS.ErrnoException, target: string): NatproxyError {
+  if (err instanceof NatproxyError) return err;
+  const code = err.code ?? err.message;
+  // Node's client parser refused the response (HPE_INVALID_CONSTANT, ...).
+  if (code.startsWith("HPE_")) return new NatproxyError("TARGET_BAD_RESPONSE", `${target}: ${(err as { reason?: string }).reason ?? code} [${code}]`, { cause: err });
+  return new NatproxyError("TARGET_RESET", `${target}: the connection closed before the answer was complete (${code})`, { cause: err });
 }

@@ -28,10 +28,13 @@ export function makeUpgradeHandler(ctx: HandlerContext) {
       writeRawError(socket, new NatproxyError("PROXY_AUTH_REQUIRED"), { "Proxy-Authenticate": PROXY_AUTH_CHALLENGE });
       return;
     }
-    const lines = [`${req.method} ${parsed.path} HTTP/${req.httpVersion}`];
+    // The Host is the URL's authority, whatever the browser's header said
+    // (RFC 9112 §3.2.2). The rest goes as it came, framing included: the
+    // bytes after the head (`head`) follow it unchanged.
+    const lines = [`${req.method} ${parsed.path} HTTP/${req.httpVersion}`, `Host: ${parsed.hostHeader}`];
     for (let i = 0; i < req.rawHeaders.length; i += 2) {
       const n = req.rawHeaders[i].toLowerCase();
-      if (n === "proxy-authorization" || n === "proxy-connection") continue;
+      if (n === "proxy-authorization" || n === "proxy-connection" || n === "host") continue;
       lines.push(`${req.rawHeaders[i]}: ${req.rawHeaders[i + 1]}`);
     }
     spliceThroughTunnel(ctx, socket, parsed.target, client, (t) => {

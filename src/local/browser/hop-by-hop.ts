@@ -12,6 +12,12 @@ const HOP_BY_HOP = new Set([
   "upgrade",
 ]);
 
+// Connection names hop-by-hop fields only: it never removes the length or
+// the Host (RFC 9110 §7.6.1). A "Connection: content-length" that took the
+// length away would leave the body to be read as the next request.
+// (Transfer-Encoding is hop-by-hop itself; the request handler frames bodies.)
+const NEVER_NAMED = new Set(["content-length", "host"]);
+
 /**
  * Filters a raw header list (name, value, name, value, ...) keeping the
  * original names, order and duplicates.
@@ -20,7 +26,10 @@ export function endToEndHeaders(raw: readonly string[], keep: readonly string[] 
   const named = new Set<string>();
   for (let i = 0; i < raw.length; i += 2) {
     if (raw[i].toLowerCase() === "connection" || raw[i].toLowerCase() === "proxy-connection") {
-      for (const token of raw[i + 1].split(",")) named.add(token.trim().toLowerCase());
+      for (const token of raw[i + 1].split(",")) {
+        const t = token.trim().toLowerCase();
+        if (!NEVER_NAMED.has(t)) named.add(t);
+      }
     }
   }
   const keepSet = new Set(keep.map((k) => k.toLowerCase()));

@@ -133,15 +133,16 @@ async function awaitResult(socket: TLSSocket, deadline: number, budget: number, 
  * TLS server on that connection, so we verify the same certificate we trust
  * on the HTTPS API; the first message names the session the connection is
  * for. Anything else (a scanner, a stale connect-back, a peer that says
- * nothing) is dropped within `timeout`.
+ * nothing or trickles its bytes) is dropped `timeout` after accept.
+ * `matched` hears of a connection that delivered its session.
  */
-export function acceptConnectBack(raw: net.Socket, opts: { trust: Trust; sessions: SessionTable; sockets: SocketRegistry; timeout: number; log: ConsolaInstance }): void {
+export function acceptConnectBack(
+  raw: net.Socket,
+  opts: { trust: Trust; sessions: SessionTable; sockets: SocketRegistry; timeout: number; log: ConsolaInstance; matched?: () => void },
+): void {
   const { trust, sessions, sockets, log } = opts;
   sockets.add(raw);
   raw.on("error", () => {});
-  // Until the session is matched, a connection is held only this long: a
-  // peer that connects and says nothing does not keep a slot.
-  raw.setTimeout(opts.timeout, () => raw.destroy());
   const peer = formatHostPort(raw.remoteAddress ?? "?", raw.remotePort ?? 0);
   // The TLS socket takes allowHalfOpen from `raw` (the listener's option).
   const secure = tls.connect({ socket: raw, ...tlsClientOptions(trust) });
@@ -151,6 +152,10 @@ export function acceptConnectBack(raw: net.Socket, opts: { trust: Trust; session
     secure.destroy();
     raw.destroy();
   };
+  // An absolute deadline from accept to the session id, however the peer
+  // paces its bytes: an idle timer would restart on each one.
+  const deadline = setTimeout(() => drop(`no session id within ${opts.timeout} ms`), opts.timeout);
+  raw.once("close", () => clearTimeout(deadline));
   secure.on("error", (err: NodeJS.ErrnoException) => drop(`TLS: ${err.code ?? err.message}`));
   secure.once("secureConnect", () => {
     const refused = verifyPeer(secure, trust);
@@ -163,8 +168,9 @@ export function acceptConnectBack(raw: net.Socket, opts: { trust: Trust; session
       .then((msg) => {
         // Throws for any other message type or size: dropped below.
         const id = sessionIdOf(msg);
-        if (!sessions.deliver(id, secure)) drop(`unknown or expired session ${id}`);
-        else raw.setTimeout(0);
+        if (!sessions.deliver(id, secure)) return drop(`unknown or expired session ${id}`);
+        clearTimeout(deadline);
+        opts.matched?.();
       })
       .catch((err: Error) => drop(err.message));
   });

@@ -9,11 +9,14 @@ import { openTunnel, type Tunnel, type TunnelOpenerOptions } from "./opener.ts";
 /**
  * Pools tunnels per target for plain-HTTP requests: a browser's keep-alive
  * requests to the same host reuse one tunnel, and requests to different hosts
- * on one browser connection each get their own.
+ * on one browser connection each get their own. Because a pooled tunnel
+ * serves whichever browser asks that host next, one that may be out of step
+ * with its target (see retire()) is closed instead of pooled.
  */
 export class PlainHttpAgent extends http.Agent {
   readonly #opts: TunnelOpenerOptions;
   readonly #log: ConsolaInstance;
+  readonly #retired = new WeakSet<Duplex>();
 
   constructor(opts: TunnelOpenerOptions, log: ConsolaInstance, idleTimeout: number) {
     super({ keepAlive: true, timeout: idleTimeout, scheduling: "lifo" });
@@ -35,6 +38,19 @@ export class PlainHttpAgent extends http.Agent {
       },
     );
     return undefined;
+  }
+
+  /** The tunnel under `req` is closed once the request is over, never pooled. */
+  retire(req: http.ClientRequest): void {
+    if (req.socket) this.#retired.add(req.socket);
+    else req.once("socket", (s) => this.#retired.add(s));
+  }
+
+  // Node destroys a socket for which this returns false (documented, though
+  // typed as void); it asks once the response has been read to its end.
+  override keepSocketAlive(socket: Duplex): boolean {
+    if (this.#retired.has(socket)) return false;
+    return (super.keepSocketAlive(socket) as unknown) !== false;
   }
 
   #logOnClose(t: Tunnel, client: string, target: HostPort): void {
