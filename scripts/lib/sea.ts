@@ -76,6 +76,10 @@ export async function bundleCli(opts: { root: string; entry: string; outfile: st
       inject: [shim],
       // Keeps class/function names intact in stack traces and error messages.
       keepNames: true,
+      // Module paths end up in the bundle text: keep them as node_modules/…
+      // even where node_modules is a symlink, so that the same commit gives
+      // the same bytes (and SHA256SUMS) wherever its dependencies live.
+      preserveSymlinks: true,
       legalComments: "none",
       logLevel: "silent",
       metafile: true,
@@ -116,7 +120,10 @@ export async function bundleCli(opts: { root: string; entry: string; outfile: st
  */
 export function makeSeaBlob(node: string, main: string, blob: string, workDir: string): Buffer {
   const config = join(workDir, "sea-config.json");
-  writeFileSync(config, JSON.stringify({ main, output: blob, disableExperimentalSEAWarning: true, useSnapshot: false, useCodeCache: false }, null, 2));
+  // Relative paths: the blob records `main`, and an absolute one would make
+  // every checkout's binaries differ.
+  const paths = { main: relative(workDir, main), output: relative(workDir, blob) };
+  writeFileSync(config, JSON.stringify({ ...paths, disableExperimentalSEAWarning: true, useSnapshot: false, useCodeCache: false }, null, 2));
   rmSync(blob, { force: true });
   const env: NodeJS.ProcessEnv = { PATH: process.env.PATH };
   const r = spawnSync(node, ["--experimental-sea-config", config], { cwd: workDir, env, encoding: "utf8", timeout: 120_000 });
