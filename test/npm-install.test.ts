@@ -5,11 +5,11 @@ import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { promisify } from "node:util";
-import { startProc, type Proc } from "../scripts/proc.ts";
-import { testPki, type TestPki } from "./helpers/pki.ts";
+import { startProc, type Proc } from "../scripts/lib/proc.ts";
+import { testPki, type TestPki } from "../scripts/lib/pki.ts";
 import { findProgram } from "./helpers/programs.ts";
-import { TOKEN } from "./helpers/stack.ts";
-import { expectedSha256, startHttpsTarget, startHttpTarget, type Target } from "./helpers/targets.ts";
+import { TOKEN } from "../scripts/lib/stack.ts";
+import { expectedSha256, startHttpsTarget, startHttpTarget, type Target } from "../scripts/lib/targets.ts";
 
 // `npm i -g natproxy`, done the way a user's npm does it: the tarball
 // `npm pack` makes, installed offline into a fresh prefix, then all three

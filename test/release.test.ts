@@ -6,12 +6,13 @@ import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { promisify } from "node:util";
-import { startProc, type Proc } from "../scripts/proc.ts";
-import { decodeMessage, encodeMessage, getAttribute, METHOD_BINDING, newTransactionId, StunFramer } from "../src/stun.ts";
-import { testPki, type TestPki } from "./helpers/pki.ts";
+import { startProc, type Proc } from "../scripts/lib/proc.ts";
+import { decodeMessage, encodeMessage, getAttribute, METHOD_BINDING, newTransactionId } from "../src/stun.ts";
+import { StunFramer } from "../src/stun-framer.ts";
+import { testPki, type TestPki } from "../scripts/lib/pki.ts";
 import { findProgram } from "./helpers/programs.ts";
-import { TOKEN } from "./helpers/stack.ts";
-import { expectedSha256, startHttpsTarget, startHttpTarget, type Target } from "./helpers/targets.ts";
+import { TOKEN } from "../scripts/lib/stack.ts";
+import { expectedSha256, startHttpsTarget, startHttpTarget, type Target } from "../scripts/lib/targets.ts";
 
 // Proof that the release binaries (npm run release → dist/release/) run:
 // linux-x64 here, win-x64.exe under Wine, linux-arm64 under qemu-user. The
