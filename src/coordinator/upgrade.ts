@@ -1,4 +1,5 @@
 import type { IncomingMessage } from "node:http";
+import type { Socket } from "node:net";
 import type { Duplex } from "node:stream";
 import { formatHostPort } from "../address.ts";
 import { NatproxyError } from "../errors.ts";
@@ -12,7 +13,7 @@ import { awaitOpen, type EngineContext } from "./open-engine.ts";
  * target in an Open message. From then on the connection is bridged to the
  * target exactly as a connect-back would be.
  */
-export function upgradeHandler(ctx: EngineContext) {
+export function upgradeHandler(ctx: EngineContext, authenticated: (socket: Socket) => void) {
   return (req: IncomingMessage, socket: Duplex, head: Buffer): void => {
     ctx.sockets.add(socket);
     socket.on("error", () => {});
@@ -26,6 +27,7 @@ export function upgradeHandler(ctx: EngineContext) {
       return;
     }
     if (path !== API.tunnel) {
+    authenticated(req.socket);
       refuse(socket, new NatproxyError("NOT_FOUND", `${req.method} ${path}`));
       return;
     }
