@@ -65,7 +65,7 @@ async function handle(ctx: ApiContext, req: IncomingMessage, res: ServerResponse
   if (route === API.probe) {
     const probe = validateProbe(body, ctx.callerOf(req.socket));
     checkConnectBack(ctx, probe.reply.host, probe.client.host);
-    const { ms } = await ctx.probe({ probe: probe.probe, reply: probe.reply, client: formatHostPort(probe.client.host, probe.client.port) });
+    const { ms } = await ctx.probe({ token, probe: probe.probe, reply: probe.reply, client: formatHostPort(probe.client.host, probe.client.port) });
     sendJson(res, 200, { probe: probe.probe, outcome: "connected", ms });
     return;
   }

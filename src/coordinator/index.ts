@@ -82,9 +82,10 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
     callerOf,
     policy: sessionCtx.policy,
     limits: sessionCtx.limits,
-    // As many ready connections may wait as tunnels may run: a token cannot
-    // hold more descriptors idle than it could use.
-    readyLimits: new SessionLimits(config.max_sessions, config.max_sessions_per_token, "ready connections waiting"),
+    // As many connections may wait as tunnels may run: a token cannot hold
+    // more descriptors idle than it could use. Waiting are ready connections
+    // (no Open yet, or part of one) and probes (until the peer closes).
+    readyLimits: new SessionLimits(config.max_sessions, config.max_sessions_per_token, "connections waiting (ready, probes, unfinished Opens)"),
     waiting,
     connectTimeout: config.connect_timeout,
     openTimeout: config.keep_alive_timeout,
@@ -101,7 +102,7 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
       callerOf,
       openSession: (req) => openSession(req, sessionCtx),
       authenticated: (socket) => admission.authenticated(socket),
-      probe: (req) => answerProbe(req, sessionCtx),
+      probe: (req) => answerProbe(req, sessionCtx, engineCtx.readyLimits.acquire(req.token)),
       ready: (req) => {
         const release = engineCtx.readyLimits.acquire(req.token);
         return openReady(req, sessionCtx, (back) => awaitOpen(engineCtx, back, req.token, req.client, "connect-back", release)).catch((err: unknown) => {

@@ -4,6 +4,7 @@ import type { Duplex } from "node:stream";
 import { formatHostPort } from "../address.ts";
 import { NatproxyError } from "../errors.ts";
 import { API, TUNNEL_PROTOCOL } from "../protocol/api.ts";
+import { decodeMessage } from "../protocol/wire.ts";
 import { closeWithResponse } from "../sockets.ts";
 import { awaitOpen, type EngineContext } from "./open-engine.ts";
 
@@ -26,8 +27,8 @@ export function upgradeHandler(ctx: EngineContext, authenticated: (socket: Socke
       refuse(socket, new NatproxyError("UNAUTHORIZED"), { "WWW-Authenticate": 'Bearer realm="natproxy"' });
       return;
     }
-    if (path !== API.tunnel) {
     authenticated(req.socket);
+    if (path !== API.tunnel) {
       refuse(socket, new NatproxyError("NOT_FOUND", `${req.method} ${path}`));
       return;
     }
@@ -35,12 +36,12 @@ export function upgradeHandler(ctx: EngineContext, authenticated: (socket: Socke
       refuse(socket, new NatproxyError("BAD_REQUEST", `expected Upgrade: ${TUNNEL_PROTOCOL}`));
       return;
     }
-    // A connection kept ready (no Open yet) holds a place among the ready
-    // ones; one whose Open came in the same flight goes straight to the
-    // session limits.
+    // A connection kept ready (no Open yet, or only part of one) holds a
+    // place among the waiting ones; one whose whole Open came in the same
+    // flight goes straight to the session limits.
     let ready: () => void = () => {};
     try {
-      if (head.length === 0) ready = ctx.readyLimits.acquire(token);
+      if (!holdsMessage(head)) ready = ctx.readyLimits.acquire(token);
     } catch (err) {
       refuse(socket, err as NatproxyError);
       return;
@@ -49,6 +50,15 @@ export function upgradeHandler(ctx: EngineContext, authenticated: (socket: Socke
     if (head.length) socket.unshift(head);
     awaitOpen(ctx, socket, token, client, "outbound", ready);
   };
+}
+
+function holdsMessage(head: Buffer): boolean {
+  try {
+    return decodeMessage(head) !== undefined;
+  } catch {
+    // Not natproxy: the Open read refuses it at once.
+    return false;
+  }
 }
 
 function refuse(socket: Duplex, e: NatproxyError, headers: Record<string, string> = {}): void {
