@@ -1,4 +1,5 @@
 import type { IncomingMessage, ServerResponse } from "node:http";
+import { isIP, type Socket } from "node:net";
 import type { ConsolaInstance } from "consola";
 import { formatHostPort, unmapIPv4, type HostPort } from "../address.ts";
 import { NatproxyError } from "../errors.ts";
@@ -15,6 +16,8 @@ export interface ApiContext {
   connectBackTargets: Pick<TargetPolicy, "checkName">;
   /** The caller's address: the TCP peer, or the one a PROXY header named. */
   callerOf: CallerOf;
+  /** The connection carried a valid token: it no longer counts as unauthenticated. */
+  authenticated(socket: Socket): void;
   openSession(req: SessionRequest): Promise<{ targetAddress: string }>;
   probe(req: ProbeRequest): Promise<{ ms: number }>;
   ready(req: ReadyRequest): Promise<{ ms: number }>;
@@ -35,13 +38,15 @@ export function apiHandler(ctx: ApiContext) {
 async function handle(ctx: ApiContext, req: IncomingMessage, res: ServerResponse): Promise<void> {
   const path = (req.url ?? "").split("?")[0];
   // Authentication comes before anything else is looked at, the path too: an
-  // unauthenticated peer learns nothing but 401.
+  // unauthenticated peer learns nothing but 401. The answer closes the
+  // connection, so a peer without a token cannot keep one open by asking again.
   const token = ctx.checkToken(req.headers.authorization);
   if (token === undefined) {
     req.resume();
-    res.setHeader("WWW-Authenticate", 'Bearer realm="natproxy"');
+    res.setHeader("WWW-Authenticate", 'Bearer realm="natproxy"').setHeader("Connection", "close");
     throw new NatproxyError("UNAUTHORIZED");
   }
+  ctx.authenticated(req.socket);
   const route = path === API.hello || path === API.sessions || path === API.probe || path === API.ready || path === API.tunnel ? path : undefined;
   if (!route) throw new NatproxyError("NOT_FOUND", `${req.method} ${path}`);
   if (route === API.hello) {
@@ -60,7 +65,7 @@ async function handle(ctx: ApiContext, req: IncomingMessage, res: ServerResponse
   if (route === API.probe) {
     const probe = validateProbe(body, ctx.callerOf(req.socket));
     checkConnectBack(ctx, probe.reply, probe.client.host);
-    const { ms } = await ctx.probe({ probe: probe.probe, reply: probe.reply, client: formatHostPort(probe.client.host, probe.client.port) });
+    const { ms } = await ctx.probe({ token, probe: probe.probe, reply: probe.reply, client: formatHostPort(probe.client.host, probe.client.port) });
     sendJson(res, 200, { probe: probe.probe, outcome: "connected", ms } satisfies ProbeAnswer);
     return;
   }

@@ -137,6 +137,8 @@ export async function openReady(req: ReadyRequest, ctx: SessionContext, hold: (s
 }
 
 export interface ProbeRequest {
+  /** Index of the token that authenticated the request (the probe counts among its waiting connections). */
+  token: number;
   probe: string;
   reply: HostPort;
   client: string;
@@ -146,8 +148,10 @@ export interface ProbeRequest {
  * The local proxy's start-up reachability check: one connect-back carrying
  * the probe id and nothing else. Resolves once the id went out over TLS; the
  * local proxy then knows whether a connect-back gets through its NAT.
+ * `release` gives back the probe's place among the waiting connections, once
+ * the dial failed or the connection is gone.
  */
-export async function answerProbe(req: ProbeRequest, ctx: SessionContext): Promise<{ ms: number }> {
+export async function answerProbe(req: ProbeRequest, ctx: SessionContext, release: () => void): Promise<{ ms: number }> {
   const started = performance.now();
   const reply = formatHostPort(req.reply.host, req.reply.port);
   let back: tls.TLSSocket;
@@ -156,9 +160,11 @@ export async function answerProbe(req: ProbeRequest, ctx: SessionContext): Promi
   } catch (err) {
     const e = err as NatproxyError;
     ctx.log.info(`probe ${req.probe} from ${req.client}: connect-back to ${reply} failed: ${e.message}`);
+    release();
     throw e;
   }
   ctx.sockets.add(back);
+  back.once("close", release);
   back.end(encodeSession(req.probe));
   // The local proxy closes its side once it has read the id; a peer that never
   // does is not waited for beyond the fin timeout.

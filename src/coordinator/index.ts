@@ -17,6 +17,7 @@ import { SessionLimits } from "./limits.ts";
 import { awaitOpen, type EngineContext } from "./open-engine.ts";
 import { upgradeHandler } from "./upgrade.ts";
 import { answerProbe, openReady, openSession } from "./connect-back.ts";
+import { Admission, DescriptorWatch, gateTls } from "./admission.ts";
 
 export interface Coordinator {
   addresses: AddressInfo[];
@@ -66,6 +67,11 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
     keepAliveTimeout: config.keep_alive_timeout,
     handshakeTimeout: config.handshake_timeout,
   });
+  const admission = new Admission(config.max_unauthenticated_per_ip, log);
+  const descriptors = new DescriptorWatch(log, () => admission.describe());
+  // Before requireProxyHeader, which takes over what this installs: behind a
+  // balancer a connection is counted against the caller its header names.
+  gateTls(server, (socket) => admission.admit(socket, callerOf(socket)));
   // Behind a TCP load balancer the TCP peer is the balancer; the caller is
   // whoever its PROXY header names, for the same-ip rule and every log line.
   const callerOf = config.proxy_protocol ? requireProxyHeader(server, { timeout: config.handshake_timeout, log }) : directCaller;
@@ -76,9 +82,10 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
     callerOf,
     policy: sessionCtx.policy,
     limits: sessionCtx.limits,
-    // As many ready connections may wait as tunnels may run: a token cannot
-    // hold more descriptors idle than it could use.
-    readyLimits: new SessionLimits(config.max_sessions, config.max_sessions_per_token, "ready connections waiting"),
+    // As many connections may wait as tunnels may run: a token cannot hold
+    // more descriptors idle than it could use. Waiting are ready connections
+    // (no Open yet, or part of one) and probes (until the peer closes).
+    readyLimits: new SessionLimits(config.max_sessions, config.max_sessions_per_token, "connections waiting (ready, probes, unfinished Opens)"),
     waiting,
     connectTimeout: config.connect_timeout,
     openTimeout: config.open_timeout,
@@ -97,7 +104,8 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
       connectBackTargets: createTargetPolicy({ ...config.connectBackRules, ownAddresses: config.own_addresses }),
       callerOf,
       openSession: (req) => openSession(req, sessionCtx),
-      probe: (req) => answerProbe(req, sessionCtx),
+      authenticated: (socket) => admission.authenticated(socket),
+      probe: (req) => answerProbe(req, sessionCtx, engineCtx.readyLimits.acquire(req.token)),
       ready: (req) => {
         const release = engineCtx.readyLimits.acquire(req.token);
         return openReady(req, sessionCtx, (back) => awaitOpen(engineCtx, back, req.token, req.client, "connect-back", release)).catch((err: unknown) => {
@@ -108,17 +116,22 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
       log,
     }),
   );
-  server.on("upgrade", upgradeHandler(engineCtx));
+  server.on("upgrade", upgradeHandler(engineCtx, (socket) => admission.authenticated(socket)));
   // An Expect other than 100-continue: Node would answer 417 before anything
-  // checked the token; an unauthenticated peer gets nothing but 401.
+  // checked the token; an unauthenticated peer gets nothing but 401, and its
+  // connection closes with it (as on the API).
   server.on("checkExpectation", (req, res) => {
     req.resume();
     const anonymous = checkToken(req.headers.authorization) === undefined;
-    if (anonymous) res.setHeader("WWW-Authenticate", 'Bearer realm="natproxy"');
+    if (anonymous) res.setHeader("WWW-Authenticate", 'Bearer realm="natproxy"').setHeader("Connection", "close");
+    else admission.authenticated(req.socket);
     const e = anonymous ? new NatproxyError("UNAUTHORIZED") : new NatproxyError("EXPECTATION_FAILED", "only Expect: 100-continue is understood");
     sendJson(res, e.status, { error: { code: e.code, message: e.message } });
   });
-  server.on("connection", (socket) => sockets.add(socket));
+  server.on("connection", (socket) => {
+    sockets.add(socket);
+    descriptors.accepted();
+  });
   server.on("tlsClientError", (err: NodeJS.ErrnoException, socket) => {
     const caller = callerOf(socket);
     log.debug(`TLS handshake from ${formatHostPort(caller.host, caller.port)} failed: ${err.code ?? err.message}`);

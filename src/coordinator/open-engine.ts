@@ -27,7 +27,7 @@ export interface EngineContext {
   /** Connections waiting for their Open, in all and per token. */
   readyLimits: SessionLimits;
   connectTimeout: number;
-  /** How long an upgraded connection may wait for its Open message. */
+  /** How long a ready connection may wait for its whole Open message (an absolute deadline). */
   openTimeout: number;
   idleTimeout: number;
   finTimeout: number;
@@ -43,9 +43,15 @@ export interface EngineContext {
  * until it arrives; then the target is dialled and the connection bridged.
  */
 export function awaitOpen(ctx: EngineContext, socket: Duplex, token: number, client: string, path: "outbound" | "connect-back", releaseReady: () => void): void {
-  (socket as Socket).setTimeout(ctx.openTimeout, () => socket.destroy());
+  // From the moment the connection is ready, not from its last byte: an idle
+  // timer would let a peer that trickles its Open a byte at a time renew it.
+  const deadline = setTimeout(() => {
+    ctx.log.debug(`${path} tunnel from ${client}: no whole Open message within ${ctx.openTimeout} ms`);
+    socket.destroy();
+  }, ctx.openTimeout);
   ctx.waiting.add(socket);
   const notWaiting = () => {
+    clearTimeout(deadline);
     ctx.waiting.delete(socket);
     releaseReady();
   };

@@ -162,11 +162,13 @@ export function requireProxyHeader(server: tls.Server, opts: { timeout: number; 
     socket.on("error", () => {});
     const key = connectionKey(socket);
     const peer = formatHostPort(unmapIPv4(socket.remoteAddress ?? "?"), socket.remotePort ?? 0);
-    socket.setTimeout(opts.timeout, () => socket.destroy(new ProxyHeaderError(`no PROXY protocol header within ${opts.timeout} ms`)));
+    // From the connection's start, not from its last byte: an idle timer
+    // would let a peer that trickles its header a byte at a time renew it.
+    const deadline = setTimeout(() => socket.destroy(new ProxyHeaderError(`no whole PROXY protocol header within ${opts.timeout} ms`)), opts.timeout);
     readProxyHeader(socket).then(
       (header) => {
         // From here the TLS handshake timeout and the HTTP deadlines apply.
-        socket.setTimeout(0);
+        clearTimeout(deadline);
         if (socket.destroyed) return;
         const caller = header.caller ?? directCaller(socket);
         callers.set(key, caller);
@@ -175,6 +177,7 @@ export function requireProxyHeader(server: tls.Server, opts: { timeout: number; 
         startTls.call(server, socket);
       },
       (err: Error) => {
+        clearTimeout(deadline);
         socket.destroy();
         if (err instanceof ProxyHeaderError && err.message.startsWith("a TLS handshake") && !warnedTls) {
           warnedTls = true;

@@ -1,8 +1,10 @@
 import type { IncomingMessage } from "node:http";
+import type { Socket } from "node:net";
 import type { Duplex } from "node:stream";
 import { formatHostPort } from "../address.ts";
 import { NatproxyError } from "../errors.ts";
 import { API, TUNNEL_PROTOCOL } from "../protocol/api.ts";
+import { decodeMessage } from "../protocol/wire.ts";
 import { closeWithResponse } from "../sockets.ts";
 import { awaitOpen, type EngineContext } from "./open-engine.ts";
 
@@ -12,7 +14,7 @@ import { awaitOpen, type EngineContext } from "./open-engine.ts";
  * target in an Open message. From then on the connection is bridged to the
  * target exactly as a connect-back would be.
  */
-export function upgradeHandler(ctx: EngineContext) {
+export function upgradeHandler(ctx: EngineContext, authenticated: (socket: Socket) => void) {
   return (req: IncomingMessage, socket: Duplex, head: Buffer): void => {
     ctx.sockets.add(socket);
     socket.on("error", () => {});
@@ -25,6 +27,7 @@ export function upgradeHandler(ctx: EngineContext) {
       refuse(socket, new NatproxyError("UNAUTHORIZED"), { "WWW-Authenticate": 'Bearer realm="natproxy"' });
       return;
     }
+    authenticated(req.socket);
     if (path !== API.tunnel) {
       refuse(socket, new NatproxyError("NOT_FOUND", `${req.method} ${path}`));
       return;
@@ -33,12 +36,12 @@ export function upgradeHandler(ctx: EngineContext) {
       refuse(socket, new NatproxyError("BAD_REQUEST", `expected Upgrade: ${TUNNEL_PROTOCOL}`));
       return;
     }
-    // A connection kept ready (no Open yet) holds a place among the ready
-    // ones; one whose Open came in the same flight goes straight to the
-    // session limits.
+    // A connection kept ready (no Open yet, or only part of one) holds a
+    // place among the waiting ones; one whose whole Open came in the same
+    // flight goes straight to the session limits.
     let ready: () => void = () => {};
     try {
-      if (head.length === 0) ready = ctx.readyLimits.acquire(token);
+      if (!holdsMessage(head)) ready = ctx.readyLimits.acquire(token);
     } catch (err) {
       refuse(socket, err as NatproxyError);
       return;
@@ -47,6 +50,15 @@ export function upgradeHandler(ctx: EngineContext) {
     if (head.length) socket.unshift(head);
     awaitOpen(ctx, socket, token, client, "outbound", ready);
   };
+}
+
+function holdsMessage(head: Buffer): boolean {
+  try {
+    return decodeMessage(head) !== undefined;
+  } catch {
+    // Not natproxy: the Open read refuses it at once.
+    return false;
+  }
 }
 
 function refuse(socket: Duplex, e: NatproxyError, headers: Record<string, string> = {}): void {
