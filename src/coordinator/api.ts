@@ -1,5 +1,5 @@
 import type { IncomingMessage, ServerResponse } from "node:http";
-import { isIP, type Socket } from "node:net";
+import type { Socket } from "node:net";
 import type { ConsolaInstance } from "consola";
 import { formatHostPort, unmapIPv4, type HostPort } from "../address.ts";
 import { NatproxyError } from "../errors.ts";
@@ -62,18 +62,22 @@ async function handle(ctx: ApiContext, req: IncomingMessage, res: ServerResponse
   }
   if (req.method !== "POST") throw methodNotAllowed(res, "POST");
   const body = await readJson(req);
-  if (route === API.probe) {
-    const probe = validateProbe(body, ctx.callerOf(req.socket));
-    checkConnectBack(ctx, probe.reply, probe.client.host);
-    const { ms } = await ctx.probe({ token, probe: probe.probe, reply: probe.reply, client: formatHostPort(probe.client.host, probe.client.port) });
-    sendJson(res, 200, { probe: probe.probe, outcome: "connected", ms } satisfies ProbeAnswer);
-    return;
-  }
-  if (route === API.ready) {
-    const r = validateReady(body, ctx.callerOf(req.socket));
-    checkConnectBack(ctx, r.reply, r.client.host);
-    const { ms } = await ctx.ready({ token, ready: r.ready, reply: r.reply, client: formatHostPort(r.client.host, r.client.port) });
-    sendJson(res, 200, { ready: r.ready, outcome: "connected", ms } satisfies ReadyAnswer);
+  if (route === API.probe || route === API.ready) {
+    // The two connect-backs that carry only an id: the start-up probe, and
+    // one opened ahead of need that then waits for an Open.
+    const caller = ctx.callerOf(req.socket);
+    const client = formatHostPort(caller.host, caller.port);
+    if (route === API.probe) {
+      const { probe, reply } = parseWith(probeRequestSchema, body, badRequest);
+      checkConnectBack(ctx, unmapped(reply), caller.host);
+      const { ms } = await ctx.probe({ token, probe, reply: unmapped(reply), client });
+      sendJson(res, 200, { probe, outcome: "connected", ms } satisfies ProbeAnswer);
+    } else {
+      const { ready, reply } = parseWith(readyRequestSchema, body, badRequest);
+      checkConnectBack(ctx, unmapped(reply), caller.host);
+      const { ms } = await ctx.ready({ token, ready, reply: unmapped(reply), client });
+      sendJson(res, 200, { ready, outcome: "connected", ms } satisfies ReadyAnswer);
+    }
     return;
   }
   const sessionReq = validateSession(body, ctx.callerOf(req.socket));
@@ -149,16 +153,6 @@ const unmapped = (reply: HostPort): HostPort => ({ host: unmapIPv4(reply.host), 
 function validateSession(body: unknown, client: HostPort): { session: string; target: HostPort; reply: HostPort; client: HostPort } {
   const { session, target, reply } = parseWith(sessionRequestSchema, body, badRequest);
   return { session, target, reply: unmapped(reply), client };
-}
-
-function validateProbe(body: unknown, client: HostPort): { probe: string; reply: HostPort; client: HostPort } {
-  const { probe, reply } = parseWith(probeRequestSchema, body, badRequest);
-  return { probe, reply: unmapped(reply), client };
-}
-
-function validateReady(body: unknown, client: HostPort): { ready: string; reply: HostPort; client: HostPort } {
-  const { ready, reply } = parseWith(readyRequestSchema, body, badRequest);
-  return { ready, reply: unmapped(reply), client };
 }
 
 export function sendJson(res: ServerResponse, status: number, body: unknown): void {
