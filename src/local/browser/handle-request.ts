@@ -1,6 +1,6 @@
 import http, { type IncomingMessage, type ServerResponse } from "node:http";
 import { NatproxyError } from "../../errors.ts";
-import { formatSession } from "../../request-log.ts";
+import { logSession } from "../../request-log.ts";
 import { clientOf, type HandlerContext } from "./context.ts";
 import { endToEndHeaders } from "./hop-by-hop.ts";
 import { PROXY_AUTH_CHALLENGE } from "./proxy-auth.ts";
@@ -48,7 +48,9 @@ export function makeRequestHandler(ctx: HandlerContext) {
       const e = toProxyError(err);
       if (e.code === "INTERNAL") e.message = `the target closed the connection: ${(err as NodeJS.ErrnoException).code ?? err.message}`;
       if (!res.headersSent) ctx.log.debug(`${client} ${req.method} ${req.url}: ${e.message}`);
-      fail(e);
+      // The agent has written this session's line (a tunnel that failed to
+      // open), or the tunnel's own line follows when it closes.
+      fail(e, undefined, true);
     });
     // A browser that goes away mid-request aborts the upstream request too,
     // which frees (destroys) its tunnel instead of returning it half-used.
@@ -58,9 +60,9 @@ export function makeRequestHandler(ctx: HandlerContext) {
     req.on("error", () => upstream.destroy());
     req.pipe(upstream);
 
-    function fail(e: ReturnType<typeof toProxyError>, extra?: Record<string, string>): void {
-      if (e.status < 500 || e.code === "TUNNEL_NOT_READY") {
-        ctx.log.info(formatSession({ session: "-", client, target: req.url ?? "?", outcome: e.code, up: 0, down: 0, ms: 0, detail: e.message }));
+    function fail(e: ReturnType<typeof toProxyError>, extra?: Record<string, string>, logged = false): void {
+      if (!logged) {
+        logSession(ctx.log, ctx.tunnels.metrics, { session: "-", client, target: req.url ?? "?", outcome: e.code, up: 0, down: 0, ms: 0, detail: e.message });
       }
       req.resume();
       sendError(res, e, extra);
