@@ -10,6 +10,8 @@ import { VERSION } from "./version.ts";
 interface Running {
   name: string;
   close(opts?: { graceMs?: number }): Promise<void>;
+  /** Applies a re-read configuration; returns the keys that differ but need a restart. */
+  reload?(cfg: ResolvedConfig): string[];
 }
 
 type Flags = Record<string, unknown>;
@@ -71,7 +73,7 @@ async function startRole(role: Role, cfg: ResolvedConfig): Promise<Running[]> {
   const running: Running[] = [];
   try {
     const c = await startCoordinator(cfg.coordinator);
-    running.push({ name: "coordinator", close: (o) => c.close(o) });
+    running.push({ name: "coordinator", close: (o) => c.close(o), reload: (next) => c.reload(next.coordinator).map((k) => `[coordinator] ${k}`) });
     // The specification allows reporter and coordinator in one process; it
     // also gives address-restricted NATs a path in (same IP as the reporter).
     if (cfg.coordinator.reporter) {
@@ -104,6 +106,7 @@ async function run(role: Role, flags: Flags, overrides: ConfigInput): Promise<vo
   // must shut down what has started, not kill the process mid-way.
   let running: Running[] = [];
   let stopping = false;
+  let graceMs = cfg.shutdown_timeout;
   const stop = (signal: NodeJS.Signals) => {
     if (stopping) {
       log.warn(`${signal} again: exiting now`);
@@ -112,11 +115,40 @@ async function run(role: Role, flags: Flags, overrides: ConfigInput): Promise<vo
     stopping = true;
     // Stop accepting at once, let live tunnels finish up to shutdown_timeout,
     // then cut what is left; a second signal cuts at once.
-    log.info(`${signal}: shutting down (live tunnels get up to ${cfg.shutdown_timeout} ms; ${signal} again to stop now)`);
-    Promise.allSettled(running.map((r) => r.close({ graceMs: cfg.shutdown_timeout }))).then(() => process.exit(0));
+    log.info(`${signal}: shutting down (live tunnels get up to ${graceMs} ms; ${signal} again to stop now)`);
+    Promise.allSettled(running.map((r) => r.close({ graceMs }))).then(() => process.exit(0));
   };
   process.on("SIGINT", stop);
   process.on("SIGTERM", stop);
+  // SIGHUP (systemctl reload) re-reads the file with the same flags and
+  // environment and the same checks as at start; a file that fails them
+  // changes nothing. (Windows has no SIGHUP to send.)
+  process.on("SIGHUP", () => {
+    if (stopping) return;
+    if (running.length === 0) {
+      log.warn("SIGHUP while starting: ignored; send it again once the role is up");
+      return;
+    }
+    let next: ResolvedConfig;
+    const restart: string[] = [];
+    try {
+      next = loadConfig({ path: str(flags.config), role, overrides });
+      for (const r of running) restart.push(...(r.reload?.(next) ?? []));
+    } catch (err) {
+      log.error(`SIGHUP: configuration not reloaded; the running one stays in force. ${(err as Error).message}`);
+      return;
+    }
+    for (const w of next.warnings) log.warn(w);
+    setLogLevel(next.log_level);
+    graceMs = next.shutdown_timeout;
+    // Sections whose role applies its configuration only at start.
+    const fixed = role === "coordinator" ? (cfg.coordinator.reporter ? (["reporter"] as const) : []) : ([role] as const);
+    for (const section of fixed) restart.push(...changedKeys(section, cfg[section], next[section]));
+    if (restart.length) log.warn(`SIGHUP: changed, but takes a restart to apply: ${restart.join(", ")}`);
+    const from = str(flags.config) ?? "the environment";
+    if (running.some((r) => r.reload)) log.info(`SIGHUP: configuration reloaded from ${from}`);
+    else log.info(`SIGHUP: log_level and shutdown_timeout reloaded from ${from}; the ${running[0].name} takes its other settings only at start`);
+  });
   const started = await startRole(role, cfg);
   running = started;
   if (stopping) await Promise.allSettled(started.map((r) => r.close())).then(() => process.exit(0));
@@ -178,6 +210,15 @@ async function main(argv: string[]): Promise<void> {
 }
 
 class UsageError extends Error {}
+
+/** The keys of one section that differ between two configurations, as "[section] key". */
+function changedKeys(section: string, was: object, now: object): string[] {
+  const a = was as Record<string, unknown>;
+  const b = now as Record<string, unknown>;
+  return Object.keys(b)
+    .filter((k) => JSON.stringify(a[k]) !== JSON.stringify(b[k]))
+    .map((k) => `[${section}] ${k}`);
+}
 
 function handleError(err: unknown): never {
   if (err instanceof ConfigError) {

@@ -22,23 +22,29 @@ const count = (fallback: number, max: number) => z.number().int().min(0).max(max
 
 // "*" (or an empty host) means every address, IPv6 and IPv4 alike: Node then
 // listens on :: dual-stack, and on 0.0.0.0 where the host has no IPv6.
-const listenAddress = (fallback: string) =>
+const listenAddress = (fallback: string) => z.string().default(fallback).transform(toListenAddress);
+
+/** A listener that is off unless given an address: "" (the default) is off. */
+const optionalListenAddress = () =>
   z
     .string()
-    .default(fallback)
-    .transform((text, ctx): HostPort => {
-      try {
-        const star = text.startsWith("*:");
-        const hp = parseHostPort(star ? `0.0.0.0:${text.slice(2)}` : text);
-        return star ? { host: "*", port: hp.port } : hp;
-      } catch (err) {
-        ctx.addIssue({ code: "custom", message: `expected "host:port", "[ipv6]:port" or "*:port" (${(err as Error).message})` });
-        return z.NEVER;
-      }
-    });
+    .default("")
+    .transform((text, ctx): HostPort | undefined => (text === "" ? undefined : toListenAddress(text, ctx)));
+
+function toListenAddress(text: string, ctx: z.RefinementCtx): HostPort {
+  try {
+    const star = text.startsWith("*:");
+    const hp = parseHostPort(star ? `0.0.0.0:${text.slice(2)}` : text);
+    return star ? { host: "*", port: hp.port } : hp;
+  } catch (err) {
+    ctx.addIssue({ code: "custom", message: `expected "host:port", "[ipv6]:port" or "*:port" (${(err as Error).message})` });
+    return z.NEVER;
+  }
+}
 
 const localSchema = z.strictObject({
   listen: listenAddress("127.0.0.1:8080"),
+  metrics_listen: optionalListenAddress(),
   coordinator: z.string().default(""),
   token: z.string().default(""),
   token_file: z.string().default(""),
@@ -74,6 +80,7 @@ const localSchema = z.strictObject({
 
 const coordinatorSchema = z.strictObject({
   listen: listenAddress("*:8443"),
+  metrics_listen: optionalListenAddress(),
   cert: z.string().default(""),
   key: z.string().default(""),
   tokens: z.array(z.string()).default([]),

@@ -66,6 +66,11 @@ export class Admission {
     this.#pending.get(connectionKey(socket))?.();
   }
 
+  /** Connections accepted that have not yet carried a valid token. */
+  get pending(): number {
+    return this.#pending.size;
+  }
+
   /** For a log line: how many connections wait unauthenticated, and the source holding the most. */
   describe(): string {
     let top: [string, number] | undefined;

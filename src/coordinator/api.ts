@@ -2,7 +2,7 @@ import type { IncomingMessage, ServerResponse } from "node:http";
 import type { Socket } from "node:net";
 import type { ConsolaInstance } from "consola";
 import { formatHostPort, unmapIPv4, type HostPort } from "../address.ts";
-import { NatproxyError } from "../errors.ts";
+import { NatproxyError, type ErrorCode } from "../errors.ts";
 import type { CallerOf } from "./proxy-header.ts";
 import type { TargetPolicy } from "./target-policy.ts";
 import { API, MAX_BODY, parseWith, probeRequestSchema, readyRequestSchema, sessionRequestSchema, type ErrorAnswer, type HelloInfo, type ProbeAnswer, type ReadyAnswer, type SessionAnswer } from "../protocol/api.ts";
@@ -21,6 +21,8 @@ export interface ApiContext {
   openSession(req: SessionRequest): Promise<{ targetAddress: string }>;
   probe(req: ProbeRequest): Promise<{ ms: number }>;
   ready(req: ReadyRequest): Promise<{ ms: number }>;
+  /** Counts each error answer, by code (the metrics). */
+  refused?(code: ErrorCode): void;
   log: ConsolaInstance;
 }
 
@@ -30,6 +32,7 @@ export function apiHandler(ctx: ApiContext) {
     handle(ctx, req, res).catch((err: unknown) => {
       const e = err instanceof NatproxyError ? err : new NatproxyError("INTERNAL", (err as Error)?.message);
       if (e.code === "INTERNAL") ctx.log.error("API request failed:", err);
+      ctx.refused?.(e.code);
       sendError(res, e);
     });
   };

@@ -9,7 +9,7 @@ import type { ConsolaInstance } from "consola";
 import { bridge, bridgeOutcome } from "../bridge.ts";
 import { formatHostPort, type HostPort } from "../address.ts";
 import { NatproxyError } from "../errors.ts";
-import { formatSession } from "../request-log.ts";
+import { logSession } from "../request-log.ts";
 import type { SocketRegistry } from "../sockets.ts";
 import type { TargetPolicy } from "./target-policy.ts";
 import type { SessionLimits } from "./limits.ts";
@@ -17,6 +17,7 @@ import { encodeResult, encodeSession } from "../protocol/wire.ts";
 import { dialTarget } from "./dial.ts";
 import { both } from "../hedge.ts";
 import { roleLogger } from "../log.ts";
+import type { CoordinatorMetrics } from "./metrics.ts";
 
 const backLog = roleLogger("coordinator");
 
@@ -40,6 +41,7 @@ export interface SessionContext {
   sockets: SocketRegistry;
   /** Aborted by the coordinator's close(): a probe or ready connect-back still being dialled stops at once. */
   shutdown: AbortSignal;
+  metrics?: CoordinatorMetrics;
   log: ConsolaInstance;
 }
 
@@ -55,7 +57,7 @@ export async function openSession(req: SessionRequest, ctx: SessionContext): Pro
   const started = performance.now();
   const target = formatHostPort(req.target.host, req.target.port);
   const record = (outcome: string, up: number, down: number, detail?: string) =>
-    ctx.log.info(formatSession({ session: req.session, client: req.client, target, path: "connect-back", outcome, up, down, ms: Math.round(performance.now() - started), detail }));
+    logSession(ctx.log, ctx.metrics, { session: req.session, client: req.client, target, path: "connect-back", outcome, up, down, ms: Math.round(performance.now() - started), detail });
   let release: () => void;
   try {
     release = ctx.limits.acquire(req.token);
@@ -73,7 +75,7 @@ export async function openSession(req: SessionRequest, ctx: SessionContext): Pro
     legs = await both(
       {
         attempt: (signal) =>
-          connectBack(req.reply, ctx.secureContext, ctx.connectTimeout, ctx.handshakeTimeout, signal).then((back) => {
+          dialBack(ctx, req.reply, signal).then((back) => {
             ctx.sockets.add(back);
             back.write(encodeSession(req.session));
             return back;
@@ -124,7 +126,7 @@ export async function openReady(req: ReadyRequest, ctx: SessionContext, hold: (s
   const started = performance.now();
   let back: tls.TLSSocket;
   try {
-    back = await connectBack(req.reply, ctx.secureContext, ctx.connectTimeout, ctx.handshakeTimeout, ctx.shutdown);
+    back = await dialBack(ctx, req.reply, ctx.shutdown);
   } catch (err) {
     const e = err as NatproxyError;
     ctx.log.debug(`ready connect-back ${req.ready} from ${req.client} failed: ${e.message}`);
@@ -156,7 +158,7 @@ export async function answerProbe(req: ProbeRequest, ctx: SessionContext, releas
   const reply = formatHostPort(req.reply.host, req.reply.port);
   let back: tls.TLSSocket;
   try {
-    back = await connectBack(req.reply, ctx.secureContext, ctx.connectTimeout, ctx.handshakeTimeout, ctx.shutdown);
+    back = await dialBack(ctx, req.reply, ctx.shutdown);
   } catch (err) {
     const e = err as NatproxyError;
     ctx.log.info(`probe ${req.probe} from ${req.client}: connect-back to ${reply} failed: ${e.message}`);
@@ -173,6 +175,15 @@ export async function answerProbe(req: ProbeRequest, ctx: SessionContext, releas
   const ms = Math.round(performance.now() - started);
   ctx.log.info(`probe ${req.probe} from ${req.client}: connect-back to ${reply} works (${ms} ms)`);
   return { ms };
+}
+
+/** connectBack with this coordinator's settings, its time (TCP + TLS) counted in the metrics. */
+function dialBack(ctx: SessionContext, reply: HostPort, signal: AbortSignal): Promise<tls.TLSSocket> {
+  const started = performance.now();
+  return connectBack(reply, ctx.secureContext, ctx.connectTimeout, ctx.handshakeTimeout, signal).then((back) => {
+    ctx.metrics?.connectedBack(performance.now() - started);
+    return back;
+  });
 }
 
 /**

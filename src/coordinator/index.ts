@@ -11,13 +11,14 @@ import { directCaller, requireProxyHeader } from "./proxy-header.ts";
 import { SocketRegistry } from "../sockets.ts";
 import { createTargetPolicy } from "./target-policy.ts";
 import { generateCertificate, loadKeyPair, type KeyPair } from "../tls/certs.ts";
-import { apiHandler, sendJson } from "./api.ts";
-import { makeTokenCheck } from "./auth.ts";
+import { apiHandler, sendJson, type ApiContext } from "./api.ts";
 import { SessionLimits } from "./limits.ts";
 import { awaitOpen, type EngineContext } from "./open-engine.ts";
 import { upgradeHandler } from "./upgrade.ts";
-import { answerProbe, openReady, openSession } from "./connect-back.ts";
+import { answerProbe, openReady, openSession, type SessionContext } from "./connect-back.ts";
 import { Admission, DescriptorWatch, gateTls } from "./admission.ts";
+import type { CoordinatorMetrics } from "./metrics.ts";
+import { reloadCoordinator, TokenTable } from "./reload.ts";
 
 export interface Coordinator {
   addresses: AddressInfo[];
@@ -29,6 +30,15 @@ export interface Coordinator {
   activeSessions(): number;
   /** Tunnels given a session slot since start (both paths). */
   sessionsServed(): number;
+  /** The metrics listener ([coordinator] metrics_listen), if configured. */
+  metricsAddress?: AddressInfo;
+  /** The Prometheus metrics, when metrics_listen is set. */
+  metrics?: CoordinatorMetrics;
+  /**
+   * Applies a new configuration to new sessions (tokens, limits, target
+   * rules, timers); returns the keys that differ but need a restart.
+   */
+  reload(config: CoordinatorConfig): string[];
   /** Stops accepting at once; with `graceMs`, live tunnels may finish for up to that long. */
   close(opts?: { graceMs?: number }): Promise<void>;
 }
@@ -43,7 +53,15 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
   // close() aborts this: connect-backs still being dialled (for a session, a
   // probe or a ready connection) stop at once instead of running out their timers.
   const shutdown = new AbortController();
-  const sessionCtx = {
+  // Loaded only when asked for: a coordinator without metrics_listen pays nothing.
+  const metrics: CoordinatorMetrics | undefined = config.metrics_listen
+    ? new (await import("./metrics.ts")).CoordinatorMetrics({
+        tunnels: () => sessionCtx.limits.active,
+        readyWaiting: () => engineCtx.readyLimits.active,
+        maxSessions: () => sessionCtx.limits.max,
+      })
+    : undefined;
+  const sessionCtx: SessionContext = {
     secureContext,
     connectTimeout: config.connect_timeout,
     handshakeTimeout: config.handshake_timeout,
@@ -53,6 +71,7 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
     limits: new SessionLimits(config.max_sessions, config.max_sessions_per_token),
     sockets,
     shutdown: shutdown.signal,
+    metrics,
     log,
   };
   const headersTimeout = Math.min(config.request_timeout, config.handshake_timeout);
@@ -69,16 +88,19 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
   });
   const admission = new Admission(config.max_unauthenticated_per_ip, log);
   const descriptors = new DescriptorWatch(log, () => admission.describe());
+  metrics?.watchUnauthenticated(() => admission.pending);
   // Before requireProxyHeader, which takes over what this installs: behind a
   // balancer a connection is counted against the caller its header names.
   gateTls(server, (socket) => admission.admit(socket, callerOf(socket)));
   // Behind a TCP load balancer the TCP peer is the balancer; the caller is
   // whoever its PROXY header names, for the same-ip rule and every log line.
   const callerOf = config.proxy_protocol ? requireProxyHeader(server, { timeout: config.handshake_timeout, log }) : directCaller;
-  const checkToken = makeTokenCheck(config.tokens);
+  const tokens = new TokenTable(config.tokens);
+  const checkToken = (authorization: string | undefined) => tokens.check(authorization);
   const waiting = new Set<Duplex>();
   const engineCtx: EngineContext = {
     checkToken,
+    tokenValid: (token) => tokens.isLive(token),
     callerOf,
     policy: sessionCtx.policy,
     limits: sessionCtx.limits,
@@ -92,30 +114,30 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
     idleTimeout: config.session_idle_timeout,
     finTimeout: config.fin_timeout,
     sockets,
+    metrics,
     log,
   };
-  server.on(
-    "request",
-    apiHandler({
-      checkToken,
-      connectBackPolicy: config.connect_back,
-      // Targets' default refusals for connect-backs too: a caller that appears
-      // as loopback (a same-host passthrough) must not reach this host's ports.
-      connectBackTargets: createTargetPolicy({ ...config.connectBackRules, ownAddresses: config.own_addresses }),
-      callerOf,
-      openSession: (req) => openSession(req, sessionCtx),
-      authenticated: (socket) => admission.authenticated(socket),
-      probe: (req) => answerProbe(req, sessionCtx, engineCtx.readyLimits.acquire(req.token)),
-      ready: (req) => {
-        const release = engineCtx.readyLimits.acquire(req.token);
-        return openReady(req, sessionCtx, (back) => awaitOpen(engineCtx, back, req.token, req.client, "connect-back", release)).catch((err: unknown) => {
-          release();
-          throw err;
-        });
-      },
-      log,
-    }),
-  );
+  const apiCtx: ApiContext = {
+    checkToken,
+    connectBackPolicy: config.connect_back,
+    // Targets' default refusals for connect-backs too: a caller that appears
+    // as loopback (a same-host passthrough) must not reach this host's ports.
+    connectBackTargets: createTargetPolicy({ ...config.connectBackRules, ownAddresses: config.own_addresses }),
+    callerOf,
+    openSession: (req) => openSession(req, sessionCtx),
+    authenticated: (socket) => admission.authenticated(socket),
+    probe: (req) => answerProbe(req, sessionCtx, engineCtx.readyLimits.acquire(req.token)),
+    ready: (req) => {
+      const release = engineCtx.readyLimits.acquire(req.token);
+      return openReady(req, sessionCtx, (back) => awaitOpen(engineCtx, back, req.token, req.client, "connect-back", release)).catch((err: unknown) => {
+        release();
+        throw err;
+      });
+    },
+    refused: (code) => metrics?.refused(code),
+    log,
+  };
+  server.on("request", apiHandler(apiCtx));
   server.on("upgrade", upgradeHandler(engineCtx, (socket) => admission.authenticated(socket)));
   // An Expect other than 100-continue: Node would answer 417 before anything
   // checked the token; an unauthenticated peer gets nothing but 401, and its
@@ -126,6 +148,7 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
     if (anonymous) res.setHeader("WWW-Authenticate", 'Bearer realm="natproxy"').setHeader("Connection", "close");
     else admission.authenticated(req.socket);
     const e = anonymous ? new NatproxyError("UNAUTHORIZED") : new NatproxyError("EXPECTATION_FAILED", "only Expect: 100-continue is understood");
+    metrics?.refused(e.code);
     sendJson(res, e.status, { error: { code: e.code, message: e.message } });
   });
   server.on("connection", (socket) => {
@@ -137,7 +160,17 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
     log.debug(`TLS handshake from ${formatHostPort(caller.host, caller.port)} failed: ${err.code ?? err.message}`);
     socket.destroy();
   });
-  const addresses = await listen(server, config.listen);
+  let addresses: AddressInfo[];
+  let metricsAddress: AddressInfo | undefined;
+  try {
+    addresses = await listen(server, config.listen);
+    if (metrics && config.metrics_listen) metricsAddress = await metrics.endpoint.listen(config.metrics_listen, { timeout: config.handshake_timeout, log });
+  } catch (err) {
+    const closed = closeServer(server);
+    server.closeAllConnections();
+    await closed;
+    throw err;
+  }
   log.info(
     `HTTPS API listening on ${addresses.map((a) => `${a.address}:${a.port}`).join(", ")}; certificate ${keyPair.subject}, ${keyPair.fingerprint}` +
       (config.proxy_protocol ? "; every connection must start with a PROXY protocol header (proxy_protocol = true)" : ""),
@@ -148,8 +181,12 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
     liveSockets: () => sockets.size,
     activeSessions: () => sessionCtx.limits.active,
     sessionsServed: () => sessionCtx.limits.started,
+    metricsAddress,
+    metrics,
+    reload: (next) => reloadCoordinator({ started: config, tokens, session: sessionCtx, engine: engineCtx, api: apiCtx, server, log }, next),
     async close(opts = {}) {
       const closing = closeServer(server);
+      const metricsClosed = metrics?.endpoint.close();
       server.closeIdleConnections();
       shutdown.abort(new NatproxyError("SHUTTING_DOWN"));
       // Ready connections that carry no tunnel yet are idle, not live.
@@ -159,7 +196,7 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
         if (!(await sockets.whenEmpty(opts.graceMs))) log.warn(`cutting ${sockets.size} connection(s) still open after ${opts.graceMs} ms`);
       }
       sockets.destroyAll();
-      await closing;
+      await Promise.all([closing, metricsClosed]);
     },
   };
 }

@@ -8,8 +8,8 @@ import { NatproxyError } from "../errors.ts";
  * (upgraded, or connect-backs opened ahead of need) waiting for an Open.
  */
 export class SessionLimits {
-  readonly #max: number;
-  readonly #perToken: number;
+  #max: number;
+  #perToken: number;
   readonly #what: string;
   readonly #byToken = new Map<number, number>();
   #total = 0;
@@ -19,6 +19,19 @@ export class SessionLimits {
     this.#max = max;
     this.#perToken = perToken;
     this.#what = what;
+  }
+
+  /**
+   * New limits for new slots (a configuration reload). Slots already given
+   * out stay: a lower limit is reached as live tunnels end, none is cut.
+   */
+  setLimits(max: number, perToken: number): void {
+    this.#max = max;
+    this.#perToken = perToken;
+  }
+
+  get max(): number {
+    return this.#max;
   }
 
   get active(): number {

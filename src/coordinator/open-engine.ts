@@ -9,17 +9,20 @@ import { formatHostPort } from "../address.ts";
 import { bridge, bridgeOutcome } from "../bridge.ts";
 import { NatproxyError } from "../errors.ts";
 import type { CallerOf } from "./proxy-header.ts";
-import { formatSession } from "../request-log.ts";
+import { logSession } from "../request-log.ts";
 import { closeWith, type SocketRegistry } from "../sockets.ts";
 import type { TargetPolicy } from "./target-policy.ts";
 import { encodeResult, openOf, readMessage, type OpenRequest } from "../protocol/wire.ts";
 import { openSchema, parseWith } from "../protocol/api.ts";
 import type { SessionLimits } from "./limits.ts";
 import { dialTarget } from "./dial.ts";
+import type { CoordinatorMetrics } from "./metrics.ts";
 
 /** What the engine needs: shared by the outbound path's Upgrade handler and ready connect-backs. */
 export interface EngineContext {
   checkToken(authorization: string | undefined): number | undefined;
+  /** False for a token removed by a reload since this connection authenticated with it. */
+  tokenValid(token: number): boolean;
   /** The caller's address: the TCP peer, or the one a PROXY header named. */
   callerOf: CallerOf;
   policy: TargetPolicy;
@@ -34,6 +37,7 @@ export interface EngineContext {
   sockets: SocketRegistry;
   /** Upgraded connections still waiting for their Open (a local proxy's ready pool). */
   waiting: Set<Duplex>;
+  metrics?: CoordinatorMetrics;
   log: ConsolaInstance;
 }
 
@@ -66,6 +70,8 @@ export function awaitOpen(ctx: EngineContext, socket: Duplex, token: number, cli
       } catch (err) {
         return fail(err instanceof NatproxyError ? err : new NatproxyError("BAD_REQUEST", (err as Error).message));
       }
+      // A ready connection outlives a reload; the token it was opened with may not.
+      if (!ctx.tokenValid(token)) return fail(new NatproxyError("UNAUTHORIZED", "the token this connection was opened with is no longer accepted"));
       let release: () => void;
       try {
         release = ctx.limits.acquire(token);
@@ -82,7 +88,8 @@ export function awaitOpen(ctx: EngineContext, socket: Duplex, token: number, cli
   );
 
   function fail(e: NatproxyError): void {
-    ctx.log.info(formatSession({ session: "-", client, target: "?", path, outcome: e.code, up: 0, down: 0, ms: 0, detail: e.message }));
+    logSession(ctx.log, ctx.metrics, { session: "-", client, target: "?", path, outcome: e.code, up: 0, down: 0, ms: 0, detail: e.message });
+    ctx.metrics?.refused(e.code);
     closeWith(socket, encodeResult({ code: e.code, message: e.message }));
   }
 }
@@ -94,7 +101,7 @@ async function serve(ctx: EngineContext, socket: Duplex, open: OpenRequest, clie
   const onGone = () => gone.abort(new NatproxyError("CLIENT_GONE", "the local proxy went away"));
   socket.once("close", onGone);
   const record = (outcome: string, up: number, down: number, detail?: string) =>
-    ctx.log.info(formatSession({ session: open.session, client, target, path, outcome, up, down, ms: Math.round(performance.now() - started), detail }));
+    logSession(ctx.log, ctx.metrics, { session: open.session, client, target, path, outcome, up, down, ms: Math.round(performance.now() - started), detail });
   let targetSocket;
   try {
     targetSocket = await dialTarget(open.target, ctx.connectTimeout, ctx.policy, gone.signal);
@@ -102,6 +109,7 @@ async function serve(ctx: EngineContext, socket: Duplex, open: OpenRequest, clie
     const e = err instanceof NatproxyError ? err : new NatproxyError("INTERNAL", (err as Error).message);
     socket.off("close", onGone);
     record(e.code, 0, 0, e.message);
+    ctx.metrics?.refused(e.code);
     closeWith(socket, encodeResult({ code: e.code, message: e.message }));
     return;
   }

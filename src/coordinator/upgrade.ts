@@ -24,16 +24,16 @@ export function upgradeHandler(ctx: EngineContext, authenticated: (socket: Socke
     // As on the API: nothing but 401 for a peer without a valid token.
     const token = ctx.checkToken(req.headers.authorization);
     if (token === undefined) {
-      refuse(socket, new NatproxyError("UNAUTHORIZED"), { "WWW-Authenticate": 'Bearer realm="natproxy"' });
+      refuse(ctx, socket, new NatproxyError("UNAUTHORIZED"), { "WWW-Authenticate": 'Bearer realm="natproxy"' });
       return;
     }
     authenticated(req.socket);
     if (path !== API.tunnel) {
-      refuse(socket, new NatproxyError("NOT_FOUND", `${req.method} ${path}`));
+      refuse(ctx, socket, new NatproxyError("NOT_FOUND", `${req.method} ${path}`));
       return;
     }
     if ((req.headers.upgrade ?? "").toLowerCase() !== TUNNEL_PROTOCOL) {
-      refuse(socket, new NatproxyError("BAD_REQUEST", `expected Upgrade: ${TUNNEL_PROTOCOL}`));
+      refuse(ctx, socket, new NatproxyError("BAD_REQUEST", `expected Upgrade: ${TUNNEL_PROTOCOL}`));
       return;
     }
     // A connection kept ready (no Open yet, or only part of one) holds a
@@ -43,7 +43,7 @@ export function upgradeHandler(ctx: EngineContext, authenticated: (socket: Socke
     try {
       if (!holdsMessage(head)) ready = ctx.readyLimits.acquire(token);
     } catch (err) {
-      refuse(socket, err as NatproxyError);
+      refuse(ctx, socket, err as NatproxyError);
       return;
     }
     socket.write(`HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: ${TUNNEL_PROTOCOL}\r\n\r\n`);
@@ -61,6 +61,7 @@ function holdsMessage(head: Buffer): boolean {
   }
 }
 
-function refuse(socket: Duplex, e: NatproxyError, headers: Record<string, string> = {}): void {
+function refuse(ctx: EngineContext, socket: Duplex, e: NatproxyError, headers: Record<string, string> = {}): void {
+  ctx.metrics?.refused(e.code);
   closeWithResponse(socket, e.status, { "Content-Type": "application/json", ...headers }, JSON.stringify({ error: { code: e.code, message: e.message } }));
 }

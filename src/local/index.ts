@@ -18,6 +18,7 @@ import { PathChooser, describeReachability, isConnectBackFailure, probeConnectBa
 import { MappingService, type NatMapping } from "./nat/mapping-service.ts";
 import { PlainHttpAgent } from "./tunnel/http-agent.ts";
 import { localParts, mappingServiceFor } from "./parts.ts";
+import type { LocalMetrics } from "./metrics.ts";
 
 export interface Local {
   /** The browser-facing HTTP proxy. */
@@ -38,6 +39,8 @@ export interface Local {
   connectBackPool: ReadyPool;
   liveSockets(): number;
   mappingService: MappingService;
+  /** The metrics listener ([local] metrics_listen), if configured. */
+  metricsAddress?: AddressInfo;
   /**
    * Stops accepting at once; with `graceMs`, live tunnels may finish for up
    * to that long before everything is cut.
@@ -109,12 +112,22 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
   if (config.tunnel === "outbound") log.info(paths.describe());
   else if (!mappingService.state && config.tunnel === "auto") log.info(`tunnel path: outbound until the reporter answers (no public address yet)`);
 
+  // Loaded only when asked for: a local proxy without metrics_listen pays nothing.
+  const metrics: LocalMetrics | undefined = config.metrics_listen
+    ? new (await import("./metrics.ts")).LocalMetrics({
+        path: () => paths.current(),
+        reporterUp: config.tunnel === "outbound" ? undefined : () => mappingService.state !== undefined,
+        readyConnections: (path) => (path === "outbound" ? outbound : connectBack).size,
+        opening: (): number => tunnels.opening.count,
+      })
+    : undefined;
   const tunnels = { outbound, connectBack, paths,
     // A connect-back takes a few round trips; the probe measured them.
     connectBackGrace: () => Math.max(config.connect_back_grace, 4 * (paths.reachability?.probe.ms ?? 0)),
     opening: { count: 0 },
     maxPending: config.max_pending,
     sockets,
+    metrics,
   };
   const agent = new PlainHttpAgent(tunnels, log, config.pool_idle_timeout);
   const ctx: HandlerContext = { authorize: makeProxyAuth(config.users), tunnels, agent, sockets, log, bridgeTimeouts: { idle: config.session_idle_timeout, fin: config.fin_timeout }, optimisticConnect: () => config.optimistic_connect && (paths.current() === "outbound" ? outbound : connectBack).size > 0 };
@@ -152,13 +165,19 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
     agent.destroy();
     coordinator.close();
     sockets.destroyAll();
+    void metrics?.endpoint.close();
   };
   let proxyAddress: AddressInfo;
+  let metricsAddress: AddressInfo | undefined;
   try {
     [proxyAddress] = await listen(server, config.listen);
+    if (metrics && config.metrics_listen) metricsAddress = await metrics.endpoint.listen(config.metrics_listen, { timeout: config.handshake_timeout, log });
   } catch (err) {
+    const stopped = closeServer(server);
     await stopWork();
     release();
+    server.closeAllConnections();
+    await stopped;
     throw err;
   }
   log.info(`HTTP proxy listening on ${formatHostPort(proxyAddress.address, proxyAddress.port)}${config.users.length ? ` (proxy authentication required, ${config.users.length} user(s))` : ""}`);
@@ -175,6 +194,7 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
     connectBackPool: connectBack,
     liveSockets: () => sockets.size,
     mappingService,
+    metricsAddress,
     close(opts = {}) {
       closing ??= (async () => {
         const stopped = closeServer(server);
@@ -188,7 +208,7 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
           if (!(await sockets.whenEmpty(opts.graceMs))) log.warn(`cutting ${sockets.size} connection(s) still open after ${opts.graceMs} ms`);
         }
         release();
-        await stopped;
+        await Promise.all([stopped, metrics?.endpoint.close()]);
       })();
       return closing;
     },

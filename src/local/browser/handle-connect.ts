@@ -2,7 +2,7 @@ import type { IncomingMessage } from "node:http";
 import type { Duplex } from "node:stream";
 import { parseHostPort, type HostPort } from "../../address.ts";
 import { NatproxyError } from "../../errors.ts";
-import { formatSession } from "../../request-log.ts";
+import { logSession } from "../../request-log.ts";
 import { PROXY_AUTH_CHALLENGE } from "./proxy-auth.ts";
 import { clientOf, type HandlerContext } from "./context.ts";
 import { writeRawError } from "./respond.ts";
@@ -44,7 +44,7 @@ export function makeConnectHandler(ctx: HandlerContext) {
     });
 
     function refuse(e: NatproxyError, headers?: Record<string, string>): void {
-      ctx.log.info(formatSession({ session: "-", client, target: req.url ?? "?", outcome: e.code, up: 0, down: 0, ms: 0 }));
+      logSession(ctx.log, ctx.tunnels.metrics, { session: "-", client, target: req.url ?? "?", outcome: e.code, up: 0, down: 0, ms: 0 });
       writeRawError(socket, e, headers);
     }
   };

@@ -1,7 +1,7 @@
 import http, { type IncomingMessage, type ServerResponse } from "node:http";
 import { formatHostPort } from "../../address.ts";
 import { NatproxyError } from "../../errors.ts";
-import { formatSession } from "../../request-log.ts";
+import { logSession } from "../../request-log.ts";
 import { clientOf, type HandlerContext } from "./context.ts";
 import { requestFraming, responseHeadProblem, type Framing } from "./framing.ts";
 import { endToEndHeaders } from "./hop-by-hop.ts";
@@ -82,7 +82,9 @@ export function makeRequestHandler(ctx: HandlerContext) {
     upstream.on("error", (err: NodeJS.ErrnoException) => {
       const e = upstreamError(err, name);
       if (!res.headersSent) ctx.log.debug(`${client} ${req.method} ${req.url}: ${e.message}`);
-      fail(e);
+      // The agent has written this session's line (a tunnel that failed to
+      // open), or the tunnel's own line follows when it closes.
+      fail(e, undefined, true);
     });
     // A browser that goes away mid-request aborts the upstream request too,
     // which frees (destroys) its tunnel instead of returning it half-used.
@@ -94,11 +96,11 @@ export function makeRequestHandler(ctx: HandlerContext) {
 
     // Only the first failure answers: a later one (the tunnel closing after
     // a refused head) must not cut the answer already on its way.
-    function fail(e: NatproxyError, extra?: Record<string, string>): void {
+    function fail(e: NatproxyError, extra?: Record<string, string>, logged = false): void {
       if (answered) return;
       answered = true;
-      if (e.status < 500 || e.code === "TUNNEL_NOT_READY" || e.code === "TARGET_BAD_RESPONSE") {
-        ctx.log.info(formatSession({ session: "-", client, target: req.url ?? "?", outcome: e.code, up: 0, down: 0, ms: 0, detail: e.message }));
+      if (!logged) {
+        logSession(ctx.log, ctx.tunnels.metrics, { session: "-", client, target: req.url ?? "?", outcome: e.code, up: 0, down: 0, ms: 0, detail: e.message });
       }
       req.resume();
       sendError(res, e, extra);

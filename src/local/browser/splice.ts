@@ -2,7 +2,7 @@ import type { Socket } from "node:net";
 import type { Duplex } from "node:stream";
 import { formatHostPort, type HostPort } from "../../address.ts";
 import { bridge, bridgeOutcome } from "../../bridge.ts";
-import { formatSession } from "../../request-log.ts";
+import { logSession } from "../../request-log.ts";
 import type { HandlerContext } from "./context.ts";
 import { EarlyBytes } from "../tunnel/early-bytes.ts";
 import { toProxyError, writeRawError } from "./respond.ts";
@@ -38,7 +38,7 @@ function splice(ctx: HandlerContext, socket: Duplex, target: HostPort, client: s
   const onGone = () => gone.abort();
   socket.once("close", onGone);
   const log = (session: string, outcome: string, up: number, down: number, detail?: string, path = ctx.tunnels.paths.current()) =>
-    ctx.log.info(formatSession({ session, client, target: name, path, outcome, up, down, ms: Math.round(performance.now() - started), detail }));
+    logSession(ctx.log, ctx.tunnels.metrics, { session, client, target: name, path, outcome, up, down, ms: Math.round(performance.now() - started), detail });
   const { early } = how;
   openTunnel(ctx.tunnels, target, gone.signal, early).then(
     (t) => {

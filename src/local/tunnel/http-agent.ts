@@ -3,7 +3,7 @@ import type { Duplex } from "node:stream";
 import type { ConsolaInstance } from "consola";
 import { formatHostPort, type HostPort } from "../../address.ts";
 import type { NatproxyError } from "../../errors.ts";
-import { formatSession } from "../../request-log.ts";
+import { logSession } from "../../request-log.ts";
 import { openTunnel, type Tunnel, type TunnelOpenerOptions } from "./opener.ts";
 
 /**
@@ -33,7 +33,7 @@ export class PlainHttpAgent extends http.Agent {
         callback?.(null, t.socket);
       },
       (err: NatproxyError) => {
-        this.#log.info(formatSession({ session: "-", client, target: formatHostPort(target.host, target.port), path: this.#opts.paths.current(), outcome: err.code ?? "ERROR", up: 0, down: 0, ms: 0, detail: err.message }));
+        logSession(this.#log, this.#opts.metrics, { session: "-", client, target: formatHostPort(target.host, target.port), path: this.#opts.paths.current(), outcome: err.code ?? "ERROR", up: 0, down: 0, ms: 0, detail: err.message });
         callback?.(err, undefined as unknown as Duplex);
       },
     );
@@ -57,18 +57,16 @@ export class PlainHttpAgent extends http.Agent {
     // TLS sockets count cleartext: what went to and came from the target,
     // plus the session header that opened the connect-back.
     t.socket.once("close", () => {
-      this.#log.info(
-        formatSession({
-          session: t.session,
-          client,
-          target: formatHostPort(target.host, target.port),
-          path: t.path,
-          outcome: "ok",
-          up: t.socket.bytesWritten - t.sentOverhead,
-          down: Math.max(0, t.socket.bytesRead - t.overhead),
-          ms: Math.round(performance.now() - t.started),
-        }),
-      );
+      logSession(this.#log, this.#opts.metrics, {
+        session: t.session,
+        client,
+        target: formatHostPort(target.host, target.port),
+        path: t.path,
+        outcome: "ok",
+        up: t.socket.bytesWritten - t.sentOverhead,
+        down: Math.max(0, t.socket.bytesRead - t.overhead),
+        ms: Math.round(performance.now() - t.started),
+      });
     });
   }
 }

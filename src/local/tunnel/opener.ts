@@ -1,6 +1,7 @@
 import type { TLSSocket } from "node:tls";
 import { v4 as uuidv4 } from "uuid";
 import type { HostPort } from "../../address.ts";
+import type { SessionObserver } from "../../request-log.ts";
 import { NatproxyError } from "../../errors.ts";
 import { hedge } from "../../hedge.ts";
 import type { SocketRegistry } from "../../sockets.ts";
@@ -31,6 +32,8 @@ export interface TunnelOpenerOptions {
   opening: { count: number };
   maxPending: number;
   sockets: SocketRegistry;
+  /** The metrics ([local] metrics_listen): every session line, and every tunnel handed out. */
+  metrics?: SessionObserver & { tunnelOpened(t: Tunnel): void };
 }
 
 /**
@@ -49,9 +52,12 @@ export async function openTunnel(opts: TunnelOpenerOptions, target: HostPort, si
   opts.opening.count++;
   try {
     const started = performance.now();
-    if (opts.paths.current() !== "connect-back") return await openOn("outbound", opts, target, started, signal, early);
-    if (opts.paths.mode !== "auto") return await openOn("connect-back", opts, target, started, signal, early);
-    return await openHedged(opts, target, started, signal, early);
+    let t: Tunnel;
+    if (opts.paths.current() !== "connect-back") t = await openOn("outbound", opts, target, started, signal, early);
+    else if (opts.paths.mode !== "auto") t = await openOn("connect-back", opts, target, started, signal, early);
+    else t = await openHedged(opts, target, started, signal, early);
+    opts.metrics?.tunnelOpened(t);
+    return t;
   } finally {
     opts.opening.count--;
   }
