@@ -94,15 +94,15 @@ describe("a coordinator's metrics, scraped directly", () => {
     assert.throws(() => resolveConfig({ coordinator: { ...base, metrics_listen: "9464" } }, "coordinator"), /coordinator\.metrics_listen: expected "host:port"/);
   });
 
-  test("refusals by code, the unauthenticated-connections hook, and the listener closed with the coordinator", async () => {
+  test("refusals by code, unauthenticated connections held, and the listener closed with the coordinator", async () => {
     const pki = await testPki();
     const coordinator = await startTestCoordinator(pki, { metrics_listen: "127.0.0.1:0" });
     const port = coordinator.metricsAddress!.port;
     try {
-      // Nothing beyond the role's own registry, and no hook until one is wired.
+      // Nothing beyond the role's own registry; nothing refused or held yet.
       const before = (await get(port, "/metrics")).body;
       assert.equal(sample(before, 'natproxy_coordinator_refused_total{code="UNAUTHORIZED"}'), undefined);
-      assert.equal(sample(before, "natproxy_coordinator_unauthenticated_connections"), undefined);
+      assert.equal(sample(before, "natproxy_coordinator_unauthenticated_connections"), 0);
       assert.doesNotMatch(before, /natproxy_local_/);
       const status = await new Promise<number>((resolve, reject) => {
         const req = https.get({ host: "127.0.0.1", port: coordinator.addresses[0].port, path: "/v1/hello", ca: pki.ca.cert, servername: "localhost", agent: false, headers: { Authorization: "Bearer wrong-token-0123456789" } }, (res) => {
@@ -112,13 +112,21 @@ describe("a coordinator's metrics, scraped directly", () => {
         req.on("error", reject);
       });
       assert.equal(status, 401);
-      let held = 3;
-      coordinator.metrics!.watchUnauthenticated(() => held);
+      // The 401 closed its connection, so nothing is held; three silent TCP
+      // connections (no TLS, no token) are.
       const after1 = (await get(port, "/metrics")).body;
       assert.equal(sample(after1, 'natproxy_coordinator_refused_total{code="UNAUTHORIZED"}'), 1);
-      assert.equal(sample(after1, "natproxy_coordinator_unauthenticated_connections"), 3);
-      held = 0;
-      assert.equal(sample((await get(port, "/metrics")).body, "natproxy_coordinator_unauthenticated_connections"), 0);
+      const silent = await Promise.all([1, 2, 3].map(() => new Promise<net.Socket>((resolve, reject) => {
+        const s = net.connect(coordinator.addresses[0].port, "127.0.0.1", () => resolve(s));
+        s.on("error", reject);
+      })));
+      const held = async () => sample((await get(port, "/metrics")).body, "natproxy_coordinator_unauthenticated_connections");
+      for (let i = 0; i < 50 && (await held()) !== 3; i++) await new Promise((r) => setTimeout(r, 20));
+      assert.equal(await held(), 3);
+      // A reset, not a FIN: a half-open peer is held until handshake_timeout.
+      for (const s of silent) s.resetAndDestroy();
+      for (let i = 0; i < 50 && (await held()) !== 0; i++) await new Promise((r) => setTimeout(r, 20));
+      assert.equal(await held(), 0);
     } finally {
       await coordinator.close();
     }
