@@ -90,7 +90,7 @@ const coordinatorSchema = z.strictObject({
   proxy_protocol: z.boolean().default(false),
   max_sessions: z.number().int().min(1).max(1_000_000).default(4096),
   max_sessions_per_token: z.number().int().min(1).max(1_000_000).default(1024),
-  max_unauthenticated_per_ip: z.number().int().min(1).max(1_000_000).default(256),
+  max_unauthenticated_per_ip: z.number().int().min(1).max(1_000_000).default(1024),
   allow_targets: z.array(z.string()).default([]),
   deny_targets: z.array(z.string()).default([]),
   allow_connect_back: z.array(z.string()).default([]),
