@@ -6,6 +6,7 @@ import { parseHostPort, type HostPort } from "./address.ts";
 import type { ErrorCode } from "./errors.ts";
 import { exposureWarning, fileProblem, readBoundedFile } from "./files.ts";
 import { applySecretEnv, applySecretFlags, resolveCoordinatorTokens, resolveLocalToken, secretsIn } from "./config-secrets.ts";
+import { validateAcme } from "./config-acme.ts";
 import { LOG_LEVELS } from "./log.ts";
 import { parseTargetLists, parseTargetRules, type TargetRules } from "./target-rules.ts";
 
@@ -78,6 +79,24 @@ const localSchema = z.strictObject({
   users: z.array(z.string()).default([]),
 });
 
+// [coordinator.acme]: present means the coordinator gets its certificate from an ACME CA.
+const acmeSchema = z.strictObject({
+  domains: z.array(z.string()).default([]),
+  email: z.string().default(""),
+  directory: z.string().default("https://acme-v02.api.letsencrypt.org/directory"),
+  ca: z.string().default(""),
+  cache: z.string().default("/var/lib/natproxy/acme"),
+  challenge: z.enum(["tls-alpn-01", "http-01"]).default("tls-alpn-01"),
+  http_listen: listenAddress("*:80"),
+  // Up to a year: certificates live for months. 0 = when a third of the lifetime is left.
+  renew_before: z.number().int().min(0).max(31_536_000_000).default(0),
+  request_timeout: ms(30_000),
+  poll_interval: ms(2_000),
+  order_timeout: ms(300_000),
+  retry_delay: ms(120_000),
+  retry_max_delay: ms(3_600_000),
+});
+
 const coordinatorSchema = z.strictObject({
   listen: listenAddress("*:8443"),
   metrics_listen: optionalListenAddress(),
@@ -102,6 +121,7 @@ const coordinatorSchema = z.strictObject({
   request_timeout: ms(30_000),
   keep_alive_timeout: ms(60_000),
   open_timeout: ms(60_000),
+  acme: acmeSchema.optional(),
 });
 
 const reporterSchema = z.strictObject({
@@ -127,6 +147,7 @@ export type LocalConfig = Config["local"] & { reporterAddress: HostPort; coordin
  * only; createTargetPolicy refuses rules that have any.
  */
 export type CoordinatorConfig = Config["coordinator"] & { targetRules: TargetRules; connectBackRules: TargetRules };
+export type AcmeConfig = NonNullable<Config["coordinator"]["acme"]>;
 export type ReporterConfig = Config["reporter"];
 /** Config values as a user writes them (TOML / flags): every key optional. */
 export type ConfigInput = z.input<typeof fileSchema>;
@@ -339,6 +360,7 @@ function validateCoordinator(raw: Config["coordinator"], required: boolean, prob
   c.own_addresses.forEach((a, i) => {
     if (isIP(a) === 0) problems.push(`coordinator.own_addresses[${i}]: expected an IP address, got "${a}"`);
   });
+  if (c.acme) validateAcme(c, c.acme, problems, warnings);
   return c;
 }
 

@@ -10,7 +10,8 @@ import { closeServer, deadlineCheckInterval, listen } from "../listen.ts";
 import { directCaller, requireProxyHeader } from "./proxy-header.ts";
 import { SocketRegistry } from "../sockets.ts";
 import { createTargetPolicy } from "./target-policy.ts";
-import { generateCertificate, loadKeyPair, type KeyPair } from "../tls/certs.ts";
+import type { KeyPair } from "../tls/certs.ts";
+import { fixedSource, openCertificates } from "./certificates.ts";
 import { apiHandler, sendJson, type ApiContext } from "./api.ts";
 import { SessionLimits } from "./limits.ts";
 import { awaitOpen, type EngineContext } from "./open-engine.ts";
@@ -22,8 +23,8 @@ import { reloadCoordinator, TokenTable } from "./reload.ts";
 
 export interface Coordinator {
   addresses: AddressInfo[];
-  /** The certificate it serves, as "sha256:..." (what a local proxy pins). */
-  fingerprint: string;
+  /** The certificate it serves now, as "sha256:..." (what a local proxy pins); an ACME renewal changes it. */
+  readonly fingerprint: string;
   /** Open sockets: API connections, targets and connect-backs (for leak checks). */
   liveSockets(): number;
   /** Tunnels holding a session slot (both paths). */
@@ -45,10 +46,11 @@ export interface Coordinator {
 
 export async function startCoordinator(config: CoordinatorConfig, opts: { keyPair?: KeyPair } = {}): Promise<Coordinator> {
   const log = roleLogger("coordinator");
-  const keyPair = opts.keyPair ?? (await obtainKeyPair(config, log));
+  const certs = opts.keyPair ? fixedSource(opts.keyPair) : await openCertificates(config, log);
+  const keyPair = certs.current();
   if (keyPair.validTo.getTime() < Date.now()) log.warn(`the certificate expired on ${keyPair.validTo.toISOString()}; local proxies will refuse it`);
-  const tlsOptions = { key: keyPair.key, cert: keyPair.cert, minVersion: "TLSv1.2" as const };
-  const secureContext = tls.createSecureContext(tlsOptions);
+  const tlsOptions = (kp: KeyPair) => ({ key: kp.key, cert: kp.cert, minVersion: "TLSv1.2" as const });
+  const secureContext = tls.createSecureContext(tlsOptions(keyPair));
   const sockets = new SocketRegistry();
   // close() aborts this: connect-backs still being dialled (for a session, a
   // probe or a ready connection) stop at once instead of running out their timers.
@@ -76,7 +78,8 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
   };
   const headersTimeout = Math.min(config.request_timeout, config.handshake_timeout);
   const server = https.createServer({
-    ...tlsOptions,
+    ...tlsOptions(keyPair),
+    ...certs.serverOptions,
     // Tunnels pass a half-close on (a client that ends its side after the
     // request still gets the whole answer); plain HTTP handles it itself.
     allowHalfOpen: true,
@@ -160,24 +163,38 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
     log.debug(`TLS handshake from ${formatHostPort(caller.host, caller.port)} failed: ${err.code ?? err.message}`);
     socket.destroy();
   });
+  // A new certificate (ACME renewal) goes to new API connections and new
+  // connect-backs; connections already up keep the one they agreed on.
+  certs.onChange((kp) => {
+    server.setSecureContext(tlsOptions(kp));
+    sessionCtx.secureContext = tls.createSecureContext(tlsOptions(kp));
+  });
+  certs.attach(server);
   let addresses: AddressInfo[];
   let metricsAddress: AddressInfo | undefined;
   try {
     addresses = await listen(server, config.listen);
     if (metrics && config.metrics_listen) metricsAddress = await metrics.endpoint.listen(config.metrics_listen, { timeout: config.handshake_timeout, log });
+    await certs.start();
   } catch (err) {
     const closed = closeServer(server);
     server.closeAllConnections();
+    sockets.destroyAll();
+    await metrics?.endpoint.close();
+    await certs.close();
     await closed;
     throw err;
   }
+  const served = certs.current();
   log.info(
-    `HTTPS API listening on ${addresses.map((a) => `${a.address}:${a.port}`).join(", ")}; certificate ${keyPair.subject}, ${keyPair.fingerprint}` +
+    `HTTPS API listening on ${addresses.map((a) => `${a.address}:${a.port}`).join(", ")}; certificate ${served.subject}, ${served.fingerprint}` +
       (config.proxy_protocol ? "; every connection must start with a PROXY protocol header (proxy_protocol = true)" : ""),
   );
   return {
     addresses,
-    fingerprint: keyPair.fingerprint,
+    get fingerprint() {
+      return certs.current().fingerprint;
+    },
     liveSockets: () => sockets.size,
     activeSessions: () => sessionCtx.limits.active,
     sessionsServed: () => sessionCtx.limits.started,
@@ -189,6 +206,7 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
       const metricsClosed = metrics?.endpoint.close();
       server.closeIdleConnections();
       shutdown.abort(new NatproxyError("SHUTTING_DOWN"));
+      await certs.close();
       // Ready connections that carry no tunnel yet are idle, not live.
       for (const s of waiting) s.destroy();
       if (opts.graceMs && sessionCtx.limits.active > 0) {
@@ -199,14 +217,4 @@ export async function startCoordinator(config: CoordinatorConfig, opts: { keyPai
       await Promise.all([closing, metricsClosed]);
     },
   };
-}
-
-async function obtainKeyPair(config: CoordinatorConfig, log: ReturnType<typeof roleLogger>): Promise<KeyPair> {
-  if (config.cert !== "") return loadKeyPair(config.cert, config.key || undefined);
-  const kp = await generateCertificate();
-  log.warn(
-    `no certificate configured: generated a self-signed one for this run (${kp.subject}). ` +
-      `Local proxies must pin it: [local] fingerprint = "${kp.fingerprint}" (it changes at every start; use --cert for a stable one)`,
-  );
-  return kp;
 }

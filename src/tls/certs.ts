@@ -8,6 +8,7 @@ export interface KeyPair {
   /** "sha256:AB:CD:..." — the form `[local] fingerprint` accepts. */
   fingerprint: string;
   subject: string;
+  validFrom: Date;
   validTo: Date;
   selfSigned: boolean;
 }
@@ -69,6 +70,7 @@ function describe(key: string, cert: string, leaf: X509Certificate): KeyPair {
     cert,
     fingerprint: formatFingerprint(leaf),
     subject: leaf.subject.replace(/\n/g, ", "),
+    validFrom: new Date(leaf.validFrom),
     validTo: new Date(leaf.validTo),
     selfSigned: leaf.issuer === leaf.subject && leaf.verify(leaf.publicKey),
   };
