@@ -18,6 +18,7 @@ import { promisify } from "node:util";
 import { createLab, findTool, jsonEvent, labUnavailableReason, LineReader, type Lab, type NatType } from "../scripts/lib/natlab.ts";
 import { generateCertificate } from "../src/tls/certs.ts";
 import { NODE, startNatproxyInLab, stopProcesses, type NatproxyInLab } from "./lab/natproxy-in-lab.ts";
+import { waitUntil } from "./helpers/wait.ts";
 import { DEFAULT_MEDIA_SIZE, MEDIA, MEDIA_PATH, mediaBytes, sha256Hex, subresourceList, WS_MESSAGES, WWW } from "./lab/site.ts";
 
 // The NAT types the browser runs behind, with `auto`: connect-back through
@@ -217,7 +218,11 @@ async function browse(t: import("node:test").TestContext, s: Scenario): Promise<
       assert.match(q.range ?? "", /^bytes=\d+-\d+$/, "every media request has a Range header");
     }
     assert.equal(ranges.reduce((a, q) => a + q.bytes, 0), DEFAULT_MEDIA_SIZE, "the 206 bodies add up to the whole file");
-    const wsSeen = siteLines.lines.map(jsonEvent<{ messages: number; closeCode: number | null }>("ws")).filter((w) => w !== undefined);
+    // The site writes its WebSocket line when its socket closes, which can
+    // come after the page's report (a separate request) has arrived.
+    const wsLine = () => siteLines.lines.map(jsonEvent<{ messages: number; closeCode: number | null }>("ws")).filter((w) => w !== undefined);
+    await waitUntil(() => wsLine().some((w) => w.messages === WS_MESSAGES && w.closeCode === 1000), 10_000, `the site's line for a WebSocket that echoed ${WS_MESSAGES} messages`);
+    const wsSeen = wsLine();
     assert.ok(wsSeen.some((w) => w.messages === WS_MESSAGES && w.closeCode === 1000), `the site echoed ${WS_MESSAGES} messages`);
     assert.equal(siteLines.lines.filter((l) => jsonEvent("report")(l)).length, 1, "one report");
 
