@@ -6,6 +6,8 @@ export interface SessionRecord {
   session: string;
   client: string;
   target: string;
+  /** How the client asked, when not HTTP CONNECT (e.g. "socks5"). */
+  kind?: string;
   /** How the tunnel reached the local proxy (e.g. "connect-back"). */
   path?: string;
   outcome: string;
@@ -22,6 +24,7 @@ export function formatSession(r: SessionRecord): string {
     `session=${r.session}`,
     `client=${r.client}`,
     `target=${r.target}`,
+    ...(r.kind ? [`kind=${r.kind}`] : []),
     ...(r.path ? [`path=${r.path}`] : []),
     `outcome=${r.outcome}`,
     `up=${r.up}`,

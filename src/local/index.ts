@@ -12,6 +12,7 @@ import { makeConnectHandler } from "./browser/handle-connect.ts";
 import { makeRequestHandler } from "./browser/handle-request.ts";
 import { makeUpgradeHandler } from "./browser/handle-upgrade.ts";
 import { makeProxyAuth } from "./browser/proxy-auth.ts";
+import { dispatchSocks, makeSocksHandler } from "./browser/socks5.ts";
 import { ConnectBackDialer } from "./tunnel/connect-back.ts";
 import { ReadyPool } from "./tunnel/ready-pool.ts";
 import { PathChooser, describeReachability, isConnectBackFailure, probeConnectBack, resolveHost, type Reachability, type DataPath } from "./tunnel/path.ts";
@@ -141,6 +142,8 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
     // close on their own after pool_idle_timeout.
     keepAliveTimeout: config.session_idle_timeout,
   });
+  // SOCKS5 shares the port: its first byte (0x05) is never the start of an HTTP request.
+  dispatchSocks(server, config.handshake_timeout, makeSocksHandler(ctx, { users: config.users, timeout: config.handshake_timeout }));
   server.on("request", makeRequestHandler(ctx));
   server.on("connect", makeConnectHandler(ctx));
   server.on("upgrade", makeUpgradeHandler(ctx));
@@ -180,7 +183,7 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
     await stopped;
     throw err;
   }
-  log.info(`HTTP proxy listening on ${formatHostPort(proxyAddress.address, proxyAddress.port)}${config.users.length ? ` (proxy authentication required, ${config.users.length} user(s))` : ""}`);
+  log.info(`HTTP proxy listening on ${formatHostPort(proxyAddress.address, proxyAddress.port)}${config.users.length ? ` (proxy authentication required, ${config.users.length} user(s))` : ""}, SOCKS5 on the same port`);
 
   let closing: Promise<void> | undefined;
   return {

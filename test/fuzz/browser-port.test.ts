@@ -62,8 +62,9 @@ describe(`fuzz (seed ${SEED})`, () => {
     ];
     const r = await runCases("browser", 6000, async (rng) => {
       let payload: Buffer;
-      const kind = rng.int(10);
-      if (kind <= 1) payload = rng.bytes(rng.range(1, 2000));
+      const kind = rng.int(11);
+      if (kind === 10) payload = socksPayload(rng, rng.pick(connectTargets));
+      else if (kind <= 1) payload = rng.bytes(rng.range(1, 2000));
       else if (kind <= 4) payload = httpRequest(rng, rng.chance(0.9) ? rng.pick(METHODS) : rng.printable(rng.range(1, 8)), rng.pick(absTargets(rng)));
       else if (kind <= 6) {
         const target = rng.pick(connectTargets);
@@ -86,6 +87,12 @@ describe(`fuzz (seed ${SEED})`, () => {
         count(stats, "closed");
         return undefined;
       }
+      if (payload[0] === 5) {
+        // SOCKS5: a method choice, then at most a reply whose code says why.
+        if (x.data[0] !== 5) return `answered a SOCKS5 greeting with something else: ${show(x.data)} to ${show(payload)}`;
+        count(stats, `socks ${x.data.length >= 4 ? x.data[3] : "-"}`);
+        return undefined;
+      }
       const statuses = statusLines(x.data);
       if (!x.data.subarray(0, 5).equals(Buffer.from("HTTP/"))) return `answered something that is not HTTP: ${show(x.data)} to ${show(payload)}`;
       count(stats, String(statuses[0] ?? "1xx"));
@@ -98,3 +105,14 @@ describe(`fuzz (seed ${SEED})`, () => {
 
   afterFuzzTests();
 });
+
+/** A SOCKS5 greeting and CONNECT-or-other request, sometimes mutated or cut short. */
+function socksPayload(rng: Rng, target: string): Buffer {
+  const m = /^\[?([^\]]*?)\]?:(\d+)$/.exec(target);
+  const host = m?.[1] ?? target;
+  const port = Math.min(Number(m?.[2] ?? 80), 65535);
+  const addr = net.isIPv4(host) ? [1, ...host.split(".").map(Number)] : net.isIPv6(host) ? [4, ...Array(15).fill(0), 1] : [3, host.length, ...Buffer.from(host)];
+  const req = Buffer.from([5, 1, 0, 5, rng.pick([1, 1, 1, 2, 3, 9]), 0, ...addr, port >> 8, port & 255]);
+  const out = rng.chance(0.5) ? mutate(rng, req) : req;
+  return rng.chance(0.2) ? out.subarray(0, rng.range(1, out.length)) : out;
+}

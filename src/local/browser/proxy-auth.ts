@@ -8,13 +8,21 @@ import type { IncomingMessage } from "node:http";
  */
 export function makeProxyAuth(users: readonly string[]): (req: IncomingMessage) => boolean {
   if (users.length === 0) return () => true;
-  const digests = users.map((u) => createHash("sha256").update(u).digest());
+  const check = makeCredentialCheck(users);
   return (req) => {
     const m = /^Basic +([A-Za-z0-9+/=]+)\s*$/i.exec(req.headers["proxy-authorization"] ?? "");
-    const offered = createHash("sha256").update(m ? Buffer.from(m[1], "base64").toString("utf8") : "").digest();
+    return check(m ? Buffer.from(m[1], "base64").toString("utf8") : undefined);
+  };
+}
+
+/** "name:password" against `[local] users`, in time that does not depend on which user (if any) matched. */
+export function makeCredentialCheck(users: readonly string[]): (credential: string | undefined) => boolean {
+  const digests = users.map((u) => createHash("sha256").update(u).digest());
+  return (credential) => {
+    const offered = createHash("sha256").update(credential ?? "").digest();
     let ok = false;
     for (const d of digests) ok = timingSafeEqual(d, offered) || ok;
-    return ok && m !== null;
+    return ok && credential !== undefined;
   };
 }
 

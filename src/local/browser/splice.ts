@@ -2,6 +2,7 @@ import type { Socket } from "node:net";
 import type { Duplex } from "node:stream";
 import { formatHostPort, type HostPort } from "../../address.ts";
 import { bridge, bridgeOutcome } from "../../bridge.ts";
+import type { NatproxyError } from "../../errors.ts";
 import { logSession } from "../../request-log.ts";
 import type { HandlerContext } from "./context.ts";
 import { EarlyBytes } from "../tunnel/early-bytes.ts";
@@ -16,8 +17,14 @@ const EARLY_LIMIT = 64 * 1024;
  * lets the caller write what must go first, then pipes both ways and writes
  * the session log line. A failure is answered on the socket with its status.
  */
-export function spliceThroughTunnel(ctx: HandlerContext, socket: Duplex, target: HostPort, client: string, first: (t: Tunnel) => number): void {
-  splice(ctx, socket, target, client, { first });
+export function spliceThroughTunnel(ctx: HandlerContext, socket: Duplex, target: HostPort, client: string, first: (t: Tunnel) => number, as?: SpliceAs): void {
+  splice(ctx, socket, target, client, { first, ...as });
+}
+
+/** A client that is not speaking HTTP (SOCKS): its log marking, and how a failure is answered. */
+export interface SpliceAs {
+  kind?: string;
+  fail?: (socket: Duplex, e: NatproxyError) => void;
 }
 
 /**
@@ -27,18 +34,18 @@ export function spliceThroughTunnel(ctx: HandlerContext, socket: Duplex, target:
  * price: a target that cannot be reached can only be shown as a connection
  * reset, not as an error status; the request log still names the reason.
  */
-export function spliceOptimistic(ctx: HandlerContext, socket: Duplex, target: HostPort, client: string, head: Buffer): void {
-  splice(ctx, socket, target, client, { early: new EarlyBytes(socket, EARLY_LIMIT, head) });
+export function spliceOptimistic(ctx: HandlerContext, socket: Duplex, target: HostPort, client: string, head: Buffer, as?: SpliceAs): void {
+  splice(ctx, socket, target, client, { early: new EarlyBytes(socket, EARLY_LIMIT, head), ...as });
 }
 
-function splice(ctx: HandlerContext, socket: Duplex, target: HostPort, client: string, how: { first?: (t: Tunnel) => number; early?: EarlyBytes }): void {
+function splice(ctx: HandlerContext, socket: Duplex, target: HostPort, client: string, how: SpliceAs & { first?: (t: Tunnel) => number; early?: EarlyBytes }): void {
   const name = formatHostPort(target.host, target.port);
   const started = performance.now();
   const gone = new AbortController();
   const onGone = () => gone.abort();
   socket.once("close", onGone);
   const log = (session: string, outcome: string, up: number, down: number, detail?: string, path = ctx.tunnels.paths.current()) =>
-    logSession(ctx.log, ctx.tunnels.metrics, { session, client, target: name, path, outcome, up, down, ms: Math.round(performance.now() - started), detail });
+    logSession(ctx.log, ctx.tunnels.metrics, { session, client, target: name, kind: how.kind, path, outcome, up, down, ms: Math.round(performance.now() - started), detail });
   const { early } = how;
   openTunnel(ctx.tunnels, target, gone.signal, early).then(
     (t) => {
@@ -58,7 +65,7 @@ function splice(ctx: HandlerContext, socket: Duplex, target: HostPort, client: s
       socket.off("close", onGone);
       const e = toProxyError(err);
       log("-", e.code, 0, 0, e.message);
-      if (!early) return writeRawError(socket, e);
+      if (!early) return (how.fail ?? writeRawError)(socket, e);
       early.stop();
       // The 200 is out: a reset is the one signal left that says "failed"
       // rather than "the server closed the connection".
