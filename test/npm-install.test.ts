@@ -1,14 +1,14 @@
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
-import { existsSync, mkdtempSync, readdirSync, readFileSync, realpathSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, readdirSync, readFileSync, realpathSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { promisify } from "node:util";
-import { startProc, type Proc } from "../scripts/lib/proc.ts";
+import { startBinaryRoles } from "../scripts/lib/binary-stack.ts";
+import type { Proc } from "../scripts/lib/proc.ts";
 import { testPki, type TestPki } from "../scripts/lib/pki.ts";
 import { findProgram } from "./helpers/programs.ts";
-import { TOKEN } from "../scripts/lib/stack.ts";
 import { expectedSha256, startHttpsTarget, startHttpTarget, type Target } from "../scripts/lib/targets.ts";
 
 // `npm i -g natproxy`, done the way a user's npm does it: the tarball
@@ -74,20 +74,7 @@ describe("npm pack, then npm i -g from the tarball", { skip: NPM === undefined ?
     const web = await startHttpTarget();
     const secure = await startHttpsTarget(pki);
     targets.push(web, secure);
-    const start = async (args: string[], ready: RegExp) => {
-      const p = startProc(natproxy, args, env);
-      procs.push(p);
-      return { p, port: Number((await p.waitFor(ready, 15_000))[1]) };
-    };
-    const reporter = await start(["reporter", "--listen", "127.0.0.1:0"], /listening on 127\.0\.0\.1:(\d+)/);
-    const cfg = join(dir, "proxy.toml");
-    writeFileSync(
-      cfg,
-      `[coordinator]\nlisten = "127.0.0.1:0"\ntokens = ["${TOKEN}"]\nallow_targets = ["127.0.0.1"]\n` +
-        `[local]\nlisten = "127.0.0.1:0"\ntoken = "${TOKEN}"\nca = "${pki.caFile}"\nreporter = "127.0.0.1:${reporter.port}"\n`,
-    );
-    const coord = await start(["coordinator", "-c", cfg, "--cert", pki.combinedFile], /HTTPS API listening on 127\.0\.0\.1:(\d+)/);
-    const local = await start(["local", "-c", cfg, "--coordinator", `https://localhost:${coord.port}`], /HTTP proxy listening on 127\.0\.0\.1:(\d+)/);
+    const { local, coordinator: coord, reporter } = await startBinaryRoles(natproxy, { env, dir, pki, procs });
     const proxy = `http://127.0.0.1:${local.port}`;
 
     const plain = await run("curl", ["-sS", "--max-time", "20", "-x", proxy, `http://127.0.0.1:${web.port}/via-npm`]);

@@ -1,16 +1,16 @@
 import assert from "node:assert/strict";
 import { once } from "node:events";
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, rmSync } from "node:fs";
 import http from "node:http";
 import net, { type AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { Duplex } from "node:stream";
 import { after, before, describe, test } from "node:test";
-import { startProc, type Proc } from "../scripts/lib/proc.ts";
+import { startBinaryRoles } from "../scripts/lib/binary-stack.ts";
+import type { Proc } from "../scripts/lib/proc.ts";
 import { proxiedRequest, type Fetched } from "../scripts/lib/proxy-client.ts";
 import { testPki } from "../scripts/lib/pki.ts";
-import { TOKEN } from "../scripts/lib/stack.ts";
 
 // Plain HTTP through the packaged binary, against targets that record every
 // byte they receive: request smuggling through the body's framing, pooled
@@ -167,20 +167,7 @@ describe("plain HTTP through the packaged binary, against recording targets", { 
     const pki = await testPki();
     dir = mkdtempSync(join(tmpdir(), "natproxy-plain-"));
     const env = { PATH: "/nonexistent", HOME: tmpdir() };
-    const start = async (args: string[], ready: RegExp) => {
-      const p = startProc(BINARY, args, env);
-      procs.push(p);
-      return { p, port: Number((await p.waitFor(ready, 15_000))[1]) };
-    };
-    const reporter = await start(["reporter", "--listen", "127.0.0.1:0"], /listening on 127\.0\.0\.1:(\d+)/);
-    const cfg = join(dir, "proxy.toml");
-    writeFileSync(
-      cfg,
-      `[coordinator]\nlisten = "127.0.0.1:0"\ntokens = ["${TOKEN}"]\nallow_targets = ["127.0.0.1"]\n` +
-        `[local]\nlisten = "127.0.0.1:0"\ntoken = "${TOKEN}"\nca = "${pki.caFile}"\nreporter = "127.0.0.1:${reporter.port}"\n`,
-    );
-    const coord = await start(["coordinator", "-c", cfg, "--cert", pki.combinedFile], /HTTPS API listening on 127\.0\.0\.1:(\d+)/);
-    const l = await start(["local", "-c", cfg, "--coordinator", `https://localhost:${coord.port}`], /HTTP proxy listening on 127\.0\.0\.1:(\d+)/);
+    const { local: l } = await startBinaryRoles(BINARY, { env, dir, pki, procs });
     local = l.p;
     proxyPort = l.port;
   });
