@@ -5,6 +5,7 @@ import { NatproxyError } from "../errors.ts";
 import { API, TUNNEL_PROTOCOL } from "../protocol/api.ts";
 import { closeWithResponse } from "../sockets.ts";
 import { awaitOpen, type EngineContext } from "./open-engine.ts";
+import { rejectedTokenLog } from "./rejected-tokens.ts";
 
 /**
  * The outbound path: a local proxy whose NAT lets no connect-back in dials the
@@ -13,6 +14,7 @@ import { awaitOpen, type EngineContext } from "./open-engine.ts";
  * target exactly as a connect-back would be.
  */
 export function upgradeHandler(ctx: EngineContext) {
+  const rejected = rejectedTokenLog(ctx.log);
   return (req: IncomingMessage, socket: Duplex, head: Buffer): void => {
     ctx.sockets.add(socket);
     socket.on("error", () => {});
@@ -22,6 +24,7 @@ export function upgradeHandler(ctx: EngineContext) {
     // As on the API: nothing but 401 for a peer without a valid token.
     const token = ctx.checkToken(req.headers.authorization);
     if (token === undefined) {
+      rejected(caller.host, "outbound tunnel");
       refuse(socket, new NatproxyError("UNAUTHORIZED"), { "WWW-Authenticate": 'Bearer realm="natproxy"' });
       return;
     }

@@ -103,12 +103,6 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
     reprobing = true;
     void probe(state).finally(() => (reprobing = false));
   }, config.probe_interval);
-  const starting = config.tunnel === "outbound" ? Promise.resolve(false) : mappingService.start();
-  await Promise.all([starting, checking]);
-  await probing;
-  if (config.tunnel === "outbound") log.info(paths.describe());
-  else if (!mappingService.state && config.tunnel === "auto") log.info(`tunnel path: outbound until the reporter answers (no public address yet)`);
-
   const tunnels = { outbound, connectBack, paths,
     // A connect-back takes a few round trips; the probe measured them.
     connectBackGrace: () => Math.max(config.connect_back_grace, 4 * (paths.reachability?.probe.ms ?? 0)),
@@ -159,9 +153,27 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
   } catch (err) {
     await stopWork();
     release();
+    const e = err as NodeJS.ErrnoException;
+    if (e.code === "EADDRINUSE" || e.code === "EACCES")
+      throw Object.assign(new Error(`local.listen (--listen) ${formatHostPort(config.listen.host, config.listen.port)}: ${e.code === "EADDRINUSE" ? "the port is in use (another natproxy, or another proxy?)" : "not permitted"}`, { cause: err }), { code: e.code });
     throw err;
   }
   log.info(`HTTP proxy listening on ${formatHostPort(proxyAddress.address, proxyAddress.port)}${config.users.length ? ` (proxy authentication required, ${config.users.length} user(s))` : ""}`);
+  // The browser port opens first, so a port in use is reported at once; a
+  // browser that comes before the workflow has finished takes the outbound
+  // path (auto) or waits for its tunnel up to connect_timeout.
+  try {
+    const starting = config.tunnel === "outbound" ? Promise.resolve(false) : mappingService.start();
+    await Promise.all([starting, checking]);
+    await probing;
+    if (config.tunnel === "outbound") log.info(paths.describe());
+    else if (!mappingService.state && config.tunnel === "auto") log.info(`tunnel path: outbound until the reporter answers (no public address yet)`);
+  } catch (err) {
+    await stopWork();
+    release();
+    server.close();
+    throw err;
+  }
 
   let closing: Promise<void> | undefined;
   return {
