@@ -8,7 +8,7 @@ import type { ConsolaInstance } from "consola";
 export function rejectedTokenLog(log: ConsolaInstance, windowMs = 60_000, maxTracked = 4096): (host: string, what: string) => void {
   const last = new Map<string, number>();
   return (host, what) => {
-    const now = performance.now();
+    const now = Date.now();
     const seen = last.get(host);
     if (seen !== undefined && now - seen < windowMs) return;
     // Bounded: forget the oldest callers first (Map keeps insertion order).
