@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 import { cac } from "cac";
-import { ConfigError, loadConfig, type ConfigInput, type ResolvedConfig, type Role } from "./config.ts";
+import { ConfigError, ROLES, loadConfig, type ConfigInput, type ResolvedConfig, type Role } from "./config.ts";
+import { currentSearchContext, findConfig, missingConfigMessage, userConfigPath } from "./config-find.ts";
 import { LOG_LEVELS, log, setLogLevel, type LogLevel } from "./log.ts";
 import { VERSION } from "./version.ts";
 
@@ -87,9 +88,24 @@ async function startRole(role: Role, cfg: ResolvedConfig): Promise<Running[]> {
   return running;
 }
 
+// Without -c the first file found is used; with none, defaults and flags
+// alone may still be enough (a reporter needs nothing), so only a config
+// that fails validation says where it looked and how to make one.
+function loadRoleConfig(role: Role, flags: Flags, overrides: ConfigInput): ResolvedConfig & { foundAt?: string } {
+  const given = str(flags.config);
+  const found = given === undefined ? findConfig(currentSearchContext()) : { path: given, searched: [] };
+  try {
+    return { ...loadConfig({ path: found.path, role, overrides }), foundAt: given === undefined ? found.path : undefined };
+  } catch (err) {
+    if (err instanceof ConfigError && found.path === undefined) throw new ConfigError("configuration", [...err.problems, missingConfigMessage(role, found.searched)]);
+    throw err;
+  }
+}
+
 async function run(role: Role, flags: Flags, overrides: ConfigInput): Promise<void> {
-  const cfg = loadConfig({ path: str(flags.config), role, overrides });
+  const cfg = loadRoleConfig(role, flags, overrides);
   setLogLevel(cfg.log_level);
+  if (cfg.foundAt !== undefined && !flags.check) log.info(`configuration: ${cfg.foundAt}`);
   if (flags.token !== undefined)
     log.warn("--token puts the token on the command line, where every user of this machine can read it (ps, /proc/<pid>/cmdline); use --token-file, the config file or the environment (NATPROXY_TOKEN for local, NATPROXY_TOKENS for the coordinator)");
   for (const w of cfg.warnings) log.warn(w);
@@ -120,10 +136,13 @@ async function run(role: Role, flags: Flags, overrides: ConfigInput): Promise<vo
   };
   process.on("SIGINT", stop);
   process.on("SIGTERM", stop);
-  // SIGHUP (systemctl reload) re-reads the file with the same flags and
+  // Node raises SIGHUP on Windows when the console window is closed, and the
+  // process is killed some seconds later whatever it does: shut down. On
+  // POSIX, SIGHUP (systemctl reload) re-reads the file with the same flags and
   // environment and the same checks as at start; a file that fails them
-  // changes nothing. (Windows has no SIGHUP to send.)
+  // changes nothing.
   process.on("SIGHUP", () => {
+    if (process.platform === "win32") return stop("SIGHUP");
     if (stopping) return;
     if (running.length === 0) {
       log.warn("SIGHUP while starting: ignored; send it again once the role is up");
@@ -170,7 +189,7 @@ async function main(argv: string[]): Promise<void> {
     .option("--allow-self-signed", "accept a coordinator certificate no trusted CA signed")
     .option("--ca <file>", "extra CA bundle (PEM) to trust for the coordinator")
     .option("--fingerprint <sha256:...>", "pin the coordinator certificate")
-    .option("--connect-timeout <ms>", "how long a browser connection waits for its tunnel, start to answer ([local] connect_timeout)")
+    .option("--connect-timeout <ms>", "how long a browser connection waits for its tunnel, connect-back or outbound, start to answer ([local] connect_timeout)")
     .option("--tunnel <mode>", "auto (default), connect-back or outbound")
     .option("--check", "run the start-up workflow once, print what it found (address, NAT, path, problems) and exit: 0 = a working path, 1 = none")
     .example("natproxy local -c proxy.toml")
@@ -186,7 +205,7 @@ async function main(argv: string[]): Promise<void> {
     .option("--token-file <file>", "file holding the accepted tokens, one per line")
     .option("--with-reporter", "also run the reporter in this process")
     .option("--reporter-listen <host:port>", "reporter address when run inside the coordinator")
-    .example("natproxy coordinator --cert key.pem -c proxy.toml")
+    .example("natproxy coordinator --cert cert.pem --key key.pem -c proxy.toml")
     .action((flags: Flags) => run("coordinator", flags, coordinatorOverrides(flags)));
 
   cli
@@ -196,13 +215,32 @@ async function main(argv: string[]): Promise<void> {
     .example("natproxy reporter")
     .action((flags: Flags) => run("reporter", flags, reporterOverrides(flags)));
 
-  cli.usage("<local|coordinator|reporter> [options]");
+  cli
+    .command("init <role>", "write a commented first config for local, coordinator or reporter (a coordinator also gets a token and a certificate)")
+    .option("--force", "replace an existing file")
+    .option("--public-host <name>", "coordinator only: the name or address local proxies dial (default: this host's name)")
+    .example("natproxy init coordinator --public-host coord.example.net")
+    .example("natproxy init local")
+    .action(async (role: string, flags: Flags) => {
+      if (!(ROLES as readonly string[]).includes(role)) throw new UsageError(`init: unknown role "${role}"; expected local, coordinator or reporter`);
+      const { runInit, InitError } = await import("./init.ts");
+      const file = str(flags.config) ?? userConfigPath(currentSearchContext());
+      try {
+        const r = await runInit({ role: role as Role, file, force: Boolean(flags.force), publicHost: str(flags.publicHost) });
+        process.stdout.write(`${r.lines.join("\n")}\n`);
+      } catch (err) {
+        if (err instanceof InitError) throw new ConfigError("natproxy init", [err.message]);
+        throw err;
+      }
+    });
+
+  cli.usage("<local|coordinator|reporter|init> [options]");
   cli.help();
   cli.version(VERSION);
   cli.parse(argv, { run: false });
   if (cli.options.help || cli.options.version) return;
   if (!cli.matchedCommand) {
-    if (cli.args.length) throw new UsageError(`unknown command "${cli.args[0]}"; the commands are local, coordinator and reporter`);
+    if (cli.args.length) throw new UsageError(`unknown command "${cli.args[0]}"; the commands are local, coordinator, reporter and init`);
     cli.outputHelp();
     throw new UsageError("a command is required");
   }

@@ -76,7 +76,7 @@ export function loadConfig(opts: LoadOptions): ResolvedConfig {
     try {
       raw = parseToml(text) as Record<string, unknown>;
     } catch (err) {
-      throw new ConfigError(source, [`not valid TOML: ${(err as Error).message.split("\n")[0]}`]);
+      throw new ConfigError(source, [tomlProblem(err as Error)]);
     }
   }
   const held = secretsIn(raw);
@@ -90,6 +90,11 @@ export function loadConfig(opts: LoadOptions): ResolvedConfig {
   const cfg = resolveConfig(raw, opts.role, source, problems);
   if (exposed) cfg.warnings.unshift(exposed);
   return cfg;
+}
+
+function tomlProblem(err: Error & { line?: number; column?: number }): string {
+  const first = err.message.split("\n")[0];
+  return typeof err.line === "number" ? `line ${err.line}, column ${err.column}: not valid TOML: ${first}` : `not valid TOML: ${first}`;
 }
 
 /** Validates an in-memory config (tests, embedding); the same rules as a file. */

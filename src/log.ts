@@ -12,8 +12,15 @@ export const log: ConsolaInstance = createConsola({
   // Logs go to stderr so that stdout stays free for machine-readable output (--check, --version).
   stdout: process.stderr,
   stderr: process.stderr,
-  formatOptions: { date: true, colors: process.stderr.isTTY === true, compact: true },
+  formatOptions: { date: true, colors: wantColors(process.env, process.stderr), compact: true },
 });
+
+/** NO_COLOR (no-color.org) wins, then FORCE_COLOR, then what the console says it can show (an old Windows console or a pipe: none). */
+export function wantColors(env: NodeJS.ProcessEnv, stream: { isTTY?: boolean; hasColors?: () => boolean }): boolean {
+  if (env.NO_COLOR !== undefined && env.NO_COLOR !== "") return false;
+  if (env.FORCE_COLOR !== undefined) return env.FORCE_COLOR !== "0" && env.FORCE_COLOR !== "false";
+  return stream.isTTY === true && (stream.hasColors?.() ?? false);
+}
 
 // withTag() copies the level at creation, so children are remembered and a
 // later setLogLevel() reaches them too.

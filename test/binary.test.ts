@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
-import { existsSync, mkdtempSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { after, before, describe, test } from "node:test";
@@ -45,6 +45,7 @@ describe("the packaged binary", { skip }, () => {
     for (const p of procs) await p.stop();
     await web?.close();
     await secure?.close();
+    if (dir) rmSync(dir, { recursive: true, force: true });
   });
 
   test("--version, --help and per-role help", async () => {
@@ -91,7 +92,9 @@ describe("the packaged binary", { skip }, () => {
     const coord = await startRole(["coordinator", "-c", cfg, "--cert", pki.combinedFile], /HTTPS API listening on 127\.0\.0\.1:(\d+)/);
     const local = await startRole(["local", "-c", cfg, "--coordinator", `https://localhost:${coord.port}`], /HTTP proxy listening on 127\.0\.0\.1:(\d+)/);
     t.diagnostic(`start-up to listening: ${timings.join(", ")}`);
-    assert.match(local.p.output(), /tunnel service listening on port \d+; public address 127\.0\.0\.1:\d+/);
+    // The browser port opens first; the tunnel service follows once the reporter answered.
+    await local.p.waitFor(/tunnel service listening on port \d+; public address 127\.0\.0\.1:\d+/, 15_000);
+    await local.p.waitFor(/reachability: public address/, 15_000);
 
     const proxy = `http://127.0.0.1:${local.port}`;
     const plain = await curl(["-x", proxy, `http://127.0.0.1:${web.port}/via-binary`]);

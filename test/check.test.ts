@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
-import { mkdtempSync, writeFileSync } from "node:fs";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
@@ -32,6 +32,7 @@ before(async () => {
 after(async () => {
   await coordinator?.close();
   await reporter?.close();
+  if (dir) rmSync(dir, { recursive: true, force: true });
 });
 
 function check(local: Record<string, string>): Promise<{ code: number; stdout: string; stderr: string }> {

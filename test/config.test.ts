@@ -1,12 +1,13 @@
 import assert from "node:assert/strict";
-import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { test } from "node:test";
+import { after, test } from "node:test";
 import { ConfigError, loadConfig, resolveConfig } from "../src/config.ts";
 import { createTargetPolicy } from "../src/coordinator/target-policy.ts";
 
 const dir = mkdtempSync(join(tmpdir(), "natproxy-config-"));
+after(() => rmSync(dir, { recursive: true, force: true }));
 let n = 0;
 function file(text: string): string {
   const p = join(dir, `c${n++}.toml`);

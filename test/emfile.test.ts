@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { spawn, type ChildProcess } from "node:child_process";
 import { once } from "node:events";
-import { mkdtempSync, readdirSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readdirSync, rmSync, writeFileSync } from "node:fs";
 import net from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -40,6 +40,7 @@ after(async () => {
   for (const c of children) c.kill("SIGKILL");
   await reporter?.close();
   await web?.close();
+  if (dir) rmSync(dir, { recursive: true, force: true });
 });
 
 /** Starts a role with `ulimit -n FD_LIMIT`; resolves with the port its log names, and its output so far. */

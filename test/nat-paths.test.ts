@@ -8,7 +8,7 @@
 // them), where it fails.
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
-import { existsSync, mkdtempSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { after, before, describe, test } from "node:test";
@@ -68,6 +68,7 @@ describe("natproxy in the NAT lab", { skip: unavailable ? `NAT lab unavailable: 
   });
   after(async () => {
     await lab?.destroy();
+    if (dir) rmSync(dir, { recursive: true, force: true });
   });
 
   /** A fresh tunnel port per run: the previous run's reporter connection may linger in TIME_WAIT on the same 4-tuple. */

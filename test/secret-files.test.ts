@@ -5,7 +5,7 @@
 // the coordinator with std::bad_alloc).
 import assert from "node:assert/strict";
 import { execFile, execFileSync } from "node:child_process";
-import { chmodSync, existsSync, mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { chmodSync, existsSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { after, before, describe, test } from "node:test";
@@ -20,6 +20,7 @@ import { TOKEN } from "../scripts/lib/stack.ts";
 import { startHttpTarget, type Target } from "../scripts/lib/targets.ts";
 
 const dir = mkdtempSync(join(tmpdir(), "natproxy-secrets-"));
+after(() => rmSync(dir, { recursive: true, force: true }));
 let n = 0;
 function file(text: string | Buffer, mode = 0o600): string {
   const p = join(dir, `f${n++}`);

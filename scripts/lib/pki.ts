@@ -1,4 +1,4 @@
-import { mkdtempSync, writeFileSync } from "node:fs";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { generateCertificate, type KeyPair } from "../../src/tls/certs.ts";
@@ -38,6 +38,11 @@ export async function writePki(dir: string, opts: { name?: string; ipAddresses?:
 
 /** A private CA and a server certificate, made once per test process. */
 export function testPki(): Promise<TestPki> {
-  cached ??= writePki(mkdtempSync(join(tmpdir(), "natproxy-pki-")));
+  if (!cached) {
+    const dir = mkdtempSync(join(tmpdir(), "natproxy-pki-"));
+    // Shared by every test of the process, so it goes when the process does.
+    process.once("exit", () => rmSync(dir, { recursive: true, force: true }));
+    cached = writePki(dir);
+  }
   return cached;
 }

@@ -7,6 +7,7 @@ import type { CallerOf } from "./proxy-header.ts";
 import type { TargetPolicy } from "./target-policy.ts";
 import { API, MAX_BODY, parseWith, probeRequestSchema, readyRequestSchema, sessionRequestSchema, type ErrorAnswer, type HelloInfo, type ProbeAnswer, type ReadyAnswer, type SessionAnswer } from "../protocol/api.ts";
 import { VERSION } from "../version.ts";
+import { rejectedTokenLog } from "./rejected-tokens.ts";
 import type { ProbeRequest, ReadyRequest, SessionRequest } from "./connect-back.ts";
 
 export interface ApiContext {
@@ -28,9 +29,11 @@ export interface ApiContext {
 
 /** Routes the HTTPS API; each failure becomes a JSON error with a stable code. */
 export function apiHandler(ctx: ApiContext) {
+  const rejected = rejectedTokenLog(ctx.log);
   return (req: IncomingMessage, res: ServerResponse): void => {
     handle(ctx, req, res).catch((err: unknown) => {
       const e = err instanceof NatproxyError ? err : new NatproxyError("INTERNAL", (err as Error)?.message);
+      if (e.code === "UNAUTHORIZED") rejected(ctx.callerOf(req.socket).host, `API request ${req.method} ${(req.url ?? "").split("?")[0].slice(0, 64)}`);
       if (e.code === "INTERNAL") ctx.log.error("API request failed:", err);
       ctx.refused?.(e.code);
       sendError(res, e);

@@ -7,6 +7,7 @@ import { API, TUNNEL_PROTOCOL } from "../protocol/api.ts";
 import { decodeMessage } from "../protocol/wire.ts";
 import { closeWithResponse } from "../sockets.ts";
 import { awaitOpen, type EngineContext } from "./open-engine.ts";
+import { rejectedTokenLog } from "./rejected-tokens.ts";
 
 /**
  * The outbound path: a local proxy whose NAT lets no connect-back in dials the
@@ -15,6 +16,7 @@ import { awaitOpen, type EngineContext } from "./open-engine.ts";
  * target exactly as a connect-back would be.
  */
 export function upgradeHandler(ctx: EngineContext, authenticated: (socket: Socket) => void) {
+  const rejected = rejectedTokenLog(ctx.log);
   return (req: IncomingMessage, socket: Duplex, head: Buffer): void => {
     ctx.sockets.add(socket);
     socket.on("error", () => {});
@@ -24,6 +26,7 @@ export function upgradeHandler(ctx: EngineContext, authenticated: (socket: Socke
     // As on the API: nothing but 401 for a peer without a valid token.
     const token = ctx.checkToken(req.headers.authorization);
     if (token === undefined) {
+      rejected(caller.host, "outbound tunnel");
       refuse(ctx, socket, new NatproxyError("UNAUTHORIZED"), { "WWW-Authenticate": 'Bearer realm="natproxy"' });
       return;
     }

@@ -107,12 +107,6 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
     reprobing = true;
     void probe(state).finally(() => (reprobing = false));
   }, config.probe_interval);
-  const starting = config.tunnel === "outbound" ? Promise.resolve(false) : mappingService.start();
-  await Promise.all([starting, checking]);
-  await probing;
-  if (config.tunnel === "outbound") log.info(paths.describe());
-  else if (!mappingService.state && config.tunnel === "auto") log.info(`tunnel path: outbound until the reporter answers (no public address yet)`);
-
   // Loaded only when asked for: a local proxy without metrics_listen pays nothing.
   const metrics: LocalMetrics | undefined = config.metrics_listen
     ? new (await import("./metrics.ts")).LocalMetrics({
@@ -172,9 +166,37 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
   };
   let proxyAddress: AddressInfo;
   let metricsAddress: AddressInfo | undefined;
+  // Which listener a failure belongs to, so the message names its setting.
+  let listening = "local.listen (--listen)";
+  let listeningOn = config.listen;
   try {
     [proxyAddress] = await listen(server, config.listen);
-    if (metrics && config.metrics_listen) metricsAddress = await metrics.endpoint.listen(config.metrics_listen, { timeout: config.handshake_timeout, log });
+    if (metrics && config.metrics_listen) {
+      listening = "local.metrics_listen";
+      listeningOn = config.metrics_listen;
+      metricsAddress = await metrics.endpoint.listen(config.metrics_listen, { timeout: config.handshake_timeout, log });
+    }
+  } catch (err) {
+    const stopped = closeServer(server);
+    await stopWork();
+    release();
+    server.closeAllConnections();
+    await stopped;
+    const e = err as NodeJS.ErrnoException;
+    if (e.code === "EADDRINUSE" || e.code === "EACCES")
+      throw Object.assign(new Error(`${listening} ${formatHostPort(listeningOn.host, listeningOn.port)}: ${e.code === "EADDRINUSE" ? "the port is in use (another natproxy, or another proxy?)" : "not permitted"}`, { cause: err }), { code: e.code });
+    throw err;
+  }
+  log.info(`HTTP proxy listening on ${formatHostPort(proxyAddress.address, proxyAddress.port)}${config.users.length ? ` (proxy authentication required, ${config.users.length} user(s))` : ""}, SOCKS5 on the same port`);
+  // The browser port opens first, so a port in use is reported at once; a
+  // browser that comes before the workflow has finished takes the outbound
+  // path (auto) or waits for its tunnel up to connect_timeout.
+  try {
+    const starting = config.tunnel === "outbound" ? Promise.resolve(false) : mappingService.start();
+    await Promise.all([starting, checking]);
+    await probing;
+    if (config.tunnel === "outbound") log.info(paths.describe());
+    else if (!mappingService.state && config.tunnel === "auto") log.info(`tunnel path: outbound until the reporter answers (no public address yet)`);
   } catch (err) {
     const stopped = closeServer(server);
     await stopWork();
@@ -183,7 +205,6 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
     await stopped;
     throw err;
   }
-  log.info(`HTTP proxy listening on ${formatHostPort(proxyAddress.address, proxyAddress.port)}${config.users.length ? ` (proxy authentication required, ${config.users.length} user(s))` : ""}, SOCKS5 on the same port`);
 
   let closing: Promise<void> | undefined;
   return {

@@ -80,7 +80,7 @@ export class MappingService extends EventEmitter<Events> {
     if (!this.#closed) {
       this.#log.error(
         `reporter ${formatHostPort(this.#config.reporterAddress.host, this.#config.reporterAddress.port)} failed ${this.#config.reporter_retries + 1} times ` +
-          `(${this.#lastError?.message}); browsers get 503 until it answers; retrying every ${this.#config.retry_max_delay} ms`,
+          `(${this.#lastError?.message}); ${this.#config.tunnel === "auto" ? "browsers take the outbound path" : "browsers get 503"} until it answers; retrying every ${this.#config.retry_max_delay} ms`,
       );
       this.#scheduleRetry(this.#config.retry_max_delay);
     }

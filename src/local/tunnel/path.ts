@@ -51,6 +51,9 @@ export async function probeConnectBack(coordinator: CoordinatorClient, sessions:
   }
 }
 
+/** Probe failures on the way to the coordinator (token, certificate, coordinator down), before any connect-back was tried. */
+const NOT_ASKED: ReadonlySet<string> = new Set(["UNAUTHORIZED", "COORDINATOR_REFUSED", "COORDINATOR_UNREACHABLE", "CERT_UNTRUSTED", "CERT_PIN_MISMATCH"]);
+
 export function describeReachability(state: NatMapping, probe: ProbeResult, coordinatorHost: string): Reachability {
   const pub = formatHostPort(state.publicAddress.host, state.publicAddress.port);
   const nat = state.publicAddress.host !== state.localAddress;
@@ -58,7 +61,10 @@ export function describeReachability(state: NatMapping, probe: ProbeResult, coor
   const sameIp = state.reporter.host === coordinatorHost;
   let behaviour: string;
   const mapping = portPreserved ? `port ${state.localPort} kept` : `port ${state.localPort} mapped to ${state.publicAddress.port}`;
-  if (probe.error?.code === "FORBIDDEN") {
+  if (probe.error && NOT_ASKED.has(probe.error.code)) {
+    // The coordinator never got the probe: the network is not to blame.
+    behaviour = `not known: the coordinator could not be asked to connect back (${probe.error.code}: ${probe.error.message})`;
+  } else if (probe.error?.code === "FORBIDDEN") {
     behaviour = `the coordinator refused to connect back (${probe.error.message})`;
   } else if (!nat) {
     behaviour = probe.ok
