@@ -3,6 +3,7 @@ import { cac } from "cac";
 import { ConfigError, ROLES, loadConfig, type ConfigInput, type ResolvedConfig, type Role } from "./config.ts";
 import { currentSearchContext, findConfig, missingConfigMessage, userConfigPath } from "./config-find.ts";
 import { LOG_LEVELS, log, setLogLevel, type LogLevel } from "./log.ts";
+import { reloadSignal, shutdownSignals } from "./signals.ts";
 import { VERSION } from "./version.ts";
 
 // The only module that exits the process or handles signals: roles return a
@@ -134,15 +135,12 @@ async function run(role: Role, flags: Flags, overrides: ConfigInput): Promise<vo
     log.info(`${signal}: shutting down (live tunnels get up to ${graceMs} ms; ${signal} again to stop now)`);
     Promise.allSettled(running.map((r) => r.close({ graceMs }))).then(() => process.exit(0));
   };
-  process.on("SIGINT", stop);
-  process.on("SIGTERM", stop);
-  // Node raises SIGHUP on Windows when the console window is closed, and the
-  // process is killed some seconds later whatever it does: shut down. On
-  // POSIX, SIGHUP (systemctl reload) re-reads the file with the same flags and
+  for (const signal of shutdownSignals(process.platform)) process.on(signal, stop);
+  // SIGHUP (systemctl reload) re-reads the file with the same flags and
   // environment and the same checks as at start; a file that fails them
-  // changes nothing.
-  process.on("SIGHUP", () => {
-    if (process.platform === "win32") return stop("SIGHUP");
+  // changes nothing. (On Windows SIGHUP is the console closing: a shutdown.)
+  const reload = reloadSignal(process.platform);
+  if (reload) process.on(reload, () => {
     if (stopping) return;
     if (running.length === 0) {
       log.warn("SIGHUP while starting: ignored; send it again once the role is up");

@@ -6,7 +6,11 @@ import { join } from "node:path";
 import { test } from "node:test";
 import { fileURLToPath } from "node:url";
 import { connectThrough } from "../scripts/lib/proxy-client.ts";
-import { startStack } from "../scripts/lib/stack.ts";
+import { testPki } from "../scripts/lib/pki.ts";
+import { startStack, startTestCoordinator, TOKEN } from "../scripts/lib/stack.ts";
+import { resolveConfig } from "../src/config.ts";
+import { startReporter } from "../src/reporter/index.ts";
+import { reloadSignal, shutdownSignals } from "../src/signals.ts";
 import { startHttpTarget } from "../scripts/lib/targets.ts";
 
 // Graceful shutdown: stop accepting at once, let live tunnels finish up to a
@@ -81,4 +85,83 @@ test("SIGTERM: a role process says it is shutting down and exits 0", async () =>
   const [code] = (await once(child, "exit")) as [number | null];
   assert.equal(code, 0, err);
   assert.match(err, /SIGTERM: shutting down/);
+});
+
+test("signals: Ctrl-C, SIGTERM (and on Windows Ctrl-Break and closing the console) shut down; SIGHUP reloads only on POSIX", () => {
+  assert.deepEqual(shutdownSignals("linux"), ["SIGINT", "SIGTERM"]);
+  assert.deepEqual(shutdownSignals("darwin"), ["SIGINT", "SIGTERM"]);
+  assert.deepEqual(shutdownSignals("win32"), ["SIGINT", "SIGTERM", "SIGBREAK", "SIGHUP"]);
+  assert.equal(reloadSignal("linux"), "SIGHUP");
+  assert.equal(reloadSignal("win32"), undefined);
+});
+
+// Ctrl-C on a local proxy process, as a person at a console sends it: an idle
+// proxy (its ready tunnels and the reporter link are not "live") goes at once
+// without a "waiting" line; one with a browser tunnel open says it waits, and
+// a second Ctrl-C ends it at once with 130.
+test("Ctrl-C on a local proxy process: idle exits 0 without waiting; a live tunnel is waited for, and a second Ctrl-C exits 130", async () => {
+  const root = fileURLToPath(new URL("..", import.meta.url));
+  const pki = await testPki();
+  const reporter = await startReporter(resolveConfig({ reporter: { listen: "127.0.0.1:0" } }, "reporter").reporter);
+  const coordinator = await startTestCoordinator(pki);
+  const web = await startHttpTarget();
+  const spawnLocal = () => {
+    const child = spawn(join(root, "node_modules/.bin/node"), [join(root, "src/cli.ts"), "local", "--listen", "127.0.0.1:0", "--coordinator", `https://127.0.0.1:${coordinator.addresses[0].port}`, "--token", TOKEN, "--reporter", `127.0.0.1:${reporter.addresses[0].port}`, "--ca", pki.caFile, "--tunnel", "outbound"], { stdio: ["ignore", "ignore", "pipe"], env: { ...process.env, NO_COLOR: "1" } });
+    let err = "";
+    const waiters: { re: RegExp; resolve: (m: RegExpMatchArray) => void }[] = [];
+    child.stderr.on("data", (c: Buffer) => {
+      err += c.toString();
+      for (const w of waiters.splice(0)) {
+        const m = err.match(w.re);
+        if (m) w.resolve(m);
+        else waiters.push(w);
+      }
+    });
+    const exited = once(child, "exit") as Promise<[number | null, NodeJS.Signals | null]>;
+    const waitFor = (re: RegExp) =>
+      new Promise<RegExpMatchArray>((resolve, reject) => {
+        const m = err.match(re);
+        if (m) return resolve(m);
+        waiters.push({ re, resolve });
+        // Bounded: 15 s, or the process ending first (the data before exit has been read by then).
+        const t = setTimeout(() => reject(new Error(`no ${re} in 15 s; stderr so far:\n${err}`)), 15_000);
+        void exited.then(() => {
+          clearTimeout(t);
+          setImmediate(() => reject(new Error(`exited before ${re}; stderr:\n${err}`)));
+        });
+      });
+    return { child, exited, waitFor, stderr: () => err };
+  };
+  try {
+    const idle = spawnLocal();
+    await idle.waitFor(/tunnel path: outbound/);
+    const port = Number((await idle.waitFor(/HTTP proxy listening on 127\.0\.0\.1:(\d+)/))[1]);
+    const first = await connectThrough(port, `127.0.0.1:${web.port}`);
+    assert.equal(first.status, 200);
+    first.socket.destroy();
+    idle.child.kill("SIGINT");
+    const [idleCode] = await idle.exited;
+    assert.equal(idleCode, 0, idle.stderr());
+    assert.match(idle.stderr(), /SIGINT: shutting down/);
+    assert.doesNotMatch(idle.stderr(), /waiting up to/, "nothing was live");
+
+    const busy = spawnLocal();
+    await busy.waitFor(/tunnel path: outbound/);
+    const busyPort = Number((await busy.waitFor(/HTTP proxy listening on 127\.0\.0\.1:(\d+)/))[1]);
+    const live = await connectThrough(busyPort, `127.0.0.1:${web.port}`);
+    assert.equal(live.status, 200);
+    live.socket.on("error", () => {});
+    busy.child.kill("SIGINT");
+    // The browser's socket and its tunnel: both live.
+    await busy.waitFor(/waiting up to 10000 ms for [12] open connection\(s\) to finish/);
+    busy.child.kill("SIGINT");
+    const [busyCode] = await busy.exited;
+    assert.equal(busyCode, 130, busy.stderr());
+    assert.match(busy.stderr(), /SIGINT again: exiting now/);
+    live.socket.destroy();
+  } finally {
+    await web.close();
+    await coordinator.close();
+    await reporter.close();
+  }
 });

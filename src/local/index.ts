@@ -226,9 +226,11 @@ export async function startLocal(config: LocalConfig): Promise<Local> {
         await stopWork();
         // Idle pooled tunnels are not "live"; browsers mid-transfer are.
         destroyIdleSockets(agent);
-        if (opts.graceMs) {
-          const live = sockets.size;
-          if (live) log.info(`waiting up to ${opts.graceMs} ms for ${live} open connection(s) to finish`);
+        // Sockets destroyed just now (ready tunnels, idle browsers) leave the
+        // set on their 'close' event, a few ms later: only what is still open
+        // after that is live and worth a line.
+        if (opts.graceMs && !(await sockets.whenEmpty(Math.min(opts.graceMs, 100)))) {
+          log.info(`waiting up to ${opts.graceMs} ms for ${sockets.size} open connection(s) to finish`);
           if (!(await sockets.whenEmpty(opts.graceMs))) log.warn(`cutting ${sockets.size} connection(s) still open after ${opts.graceMs} ms`);
         }
         release();
